@@ -1,0 +1,1 @@
+"""pmnc.runtime: the supervisor, its forked workers and the CLI, built on pmnc.safe's public API."""
