@@ -1,0 +1,581 @@
+"""The node's YAML, parsed once into frozen, typed dataclasses.
+
+Everything downstream (supervisor, workers, tools) trusts a `NodeConfig` without checking it
+again, so every check happens here, before anything starts, and every problem is reported at
+once: a user fixing a config should not have to run the command once per typo. Each error reads
+"FILE:LINE: key.path: expected X, got Y". To know the line of each key we compose the YAML node
+graph ourselves (SafeLoader, so no tag can run code) instead of calling `yaml.safe_load`, which
+throws line numbers away.
+
+Side effects are kept out: `load_config` reads one file and stats directories; binding the HTTP
+ports (`check_ports`) is left to `pmnc-runtime check`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+__all__ = [
+    "CageConfig",
+    "ConfigError",
+    "HttpAddress",
+    "NodeConfig",
+    "check_ports",
+    "load_config",
+    "locate",
+]
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_NAME_EXPECTED = "a name of 1 to 64 characters from [A-Za-z0-9_-]"
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+_PORT = re.compile(r"[0-9]{1,5}")
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """An invalid node config: `errors` lists every problem found, one line each."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = list(errors)
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[list[str]]]:
+        # Default pickling would call ConfigError(str(self)): keep the list across processes.
+        return (type(self), (self.errors,))
+
+
+@dataclass(frozen=True)
+class HttpAddress:
+    """Where a cage listens: `host` is bare (no brackets around IPv6), `port` is 1..65535."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> HttpAddress:
+        """Parse "host:port" or "[ipv6]:port"; ValueError saying what is wrong otherwise."""
+        if text.startswith("["):
+            end = text.find("]")
+            if end < 0:
+                raise ValueError("no ']' closing the IPv6 address")
+            host, rest = text[1:end], text[end + 1 :]
+            if not rest.startswith(":"):
+                raise ValueError("no ':PORT' after ']'")
+            port_text = rest[1:]
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IPv6 address") from None
+        else:
+            host, colon, port_text = text.rpartition(":")
+            if not colon:
+                raise ValueError("no ':PORT'")
+            if not host:
+                raise ValueError("no host before ':'")
+            if ":" in host:
+                raise ValueError("an IPv6 host needs brackets, as in [::1]:8080")
+            if re.fullmatch(r"[0-9.]+", host):
+                try:
+                    ipaddress.IPv4Address(host)
+                except ValueError:
+                    raise ValueError(f"{host!r} is not an IPv4 address") from None
+            elif not _HOSTNAME.fullmatch(host):
+                raise ValueError(f"{host!r} is not a host name")
+        if not _PORT.fullmatch(port_text):
+            raise ValueError(f"port {port_text!r} is not a number")
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is not in 1..65535")
+        return cls(host, port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class CageConfig:
+    """One cage: a set of application modules served by `workers` processes."""
+
+    name: str
+    modules: Path
+    workers: int = 1
+    threads: int = 4
+    http: HttpAddress | None = None
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """Where a loaded config came from, so later checks can name FILE:LINE like the loader."""
+
+    label: str
+    lines: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A validated node: paths are absolute, values in range; nothing here needs rechecking."""
+
+    file: Path
+    node: str
+    data_dir: Path
+    cages: tuple[CageConfig, ...]
+    graceful_timeout: float = 10.0
+    checkpoint_interval: float = 30.0
+    durable: bool = True
+    max_body: int = 1 << 20
+    heartbeat_timeout: float = 10.0
+    _origin: _Origin | None = field(default=None, compare=False, repr=False)
+
+    def safe_dir(self, cage: str, module: str) -> Path:
+        """The directory of one module's safe: <data_dir>/safe/<node>.<cage>.<module>."""
+        return self.data_dir / "safe" / f"{self.node}.{cage}.{module}"
+
+    def module_names(self, cage: CageConfig) -> list[str]:
+        """The cage's application modules: sorted stems of its *.py files, minus private ones."""
+        return sorted(
+            p.stem
+            for p in cage.modules.iterdir()
+            if p.suffix == ".py" and not p.name.startswith("_") and p.is_file()
+        )
+
+
+def locate(cfg: NodeConfig, key: str) -> str:
+    """ "FILE:LINE" (or "FILE" when unknown) of a key path, for errors found after loading."""
+    if cfg._origin is None:
+        return str(cfg.file)
+    line = cfg._origin.lines.get(key)
+    return cfg._origin.label if line is None else f"{cfg._origin.label}:{line}"
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+class _Missing:
+    """Marks a key that is absent (distinct from an explicit null)."""
+
+
+_MISSING = _Missing()
+
+
+def _describe(value: object) -> str:
+    """A value as the user wrote it, plus its YAML kind, for the "got Y" part of an error."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, int):
+        return f"{value} (an integer)"
+    if isinstance(value, float):
+        return f"{value} (a number)"
+    if isinstance(value, str):
+        text = value if len(value) <= 60 else value[:57] + "..."
+        return f"{text!r} (a string)"
+    return f"{value!r} (a {type(value).__name__})"
+
+
+class _Reader:
+    """Walks the composed YAML node graph, converting and checking values, collecting errors."""
+
+    def __init__(self, label: str, loader: yaml.SafeLoader) -> None:
+        self.label = label
+        self.loader = loader
+        self.found: list[tuple[int, str]] = []
+        self.lines: dict[str, int] = {}
+
+    @property
+    def errors(self) -> list[str]:
+        """Every error so far, in document order (a stable sort keeps ties in check order)."""
+        return [message for _, message in sorted(self.found, key=lambda f: f[0])]
+
+    def error(self, node: Node | None, path: str, message: str) -> None:
+        line = 0 if node is None else node.start_mark.line + 1
+        where = f"{self.label}:{line}" if line else self.label
+        self.found.append((line, f"{where}: {path}: {message}" if path else f"{where}: {message}"))
+
+    def expected(self, node: Node, path: str, what: str, got: str | None = None) -> None:
+        self.error(node, path, f"expected {what}, got {got or self.describe(node)}")
+
+    def describe(self, node: Node) -> str:
+        if isinstance(node, MappingNode):
+            return "a mapping" if node.tag == _MAP_TAG else f"a mapping tagged {node.tag}"
+        if isinstance(node, SequenceNode):
+            return "a list" if node.tag == _SEQ_TAG else f"a list tagged {node.tag}"
+        try:
+            return _describe(self.scalar(node))
+        except yaml.YAMLError:
+            return f"{node.value!r} tagged {node.tag}"
+
+    def scalar(self, node: Node) -> object:
+        """The Python value of a scalar node, as `yaml.safe_load` would build it."""
+        value: object = self.loader.construct_object(node, deep=True)
+        return value
+
+    def mapping(
+        self, node: Node, path: str, allowed: tuple[str, ...], what: str
+    ) -> dict[str, Node] | None:
+        """The string-keyed entries of a mapping; unknown, duplicate or odd keys are errors."""
+        if not isinstance(node, MappingNode) or node.tag != _MAP_TAG:
+            self.expected(node, path, what)
+            return None
+        try:
+            self.loader.flatten_mapping(node)  # resolve "<<" merge keys as safe_load would
+        except yaml.YAMLError as e:
+            self.expected(node, path, what, f"an invalid merge ({getattr(e, 'problem', e)})")
+            return None
+        entries: dict[str, Node] = {}
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key: object = None
+            if isinstance(key_node, ScalarNode):
+                try:
+                    key = self.scalar(key_node)
+                except yaml.YAMLError:
+                    key = None
+            if not isinstance(key, str):
+                self.expected(
+                    key_node, path or "(top level)", "string keys", self.describe(key_node)
+                )
+                continue
+            key_path = f"{path}.{key}" if path else key
+            if key in seen:
+                self.expected(
+                    key_node, key_path, "each key once", f"it again (first at line {seen[key]})"
+                )
+                continue
+            seen[key] = key_node.start_mark.line + 1
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                self.error(
+                    key_node,
+                    key_path,
+                    f"expected one of {', '.join(allowed)}, got an unknown key{hint}",
+                )
+                continue
+            self.lines[key_path] = seen[key]
+            entries[key] = value_node
+        return entries
+
+    def value(
+        self,
+        entries: Mapping[str, Node],
+        prefix: str,
+        key: str,
+        what: str,
+        convert: Callable[[object], T | None],
+    ) -> T | _Missing | None:
+        """Convert one entry: `_MISSING` if absent, None (and an error) if invalid."""
+        path = f"{prefix}.{key}" if prefix else key
+        node = entries.get(key)
+        if node is None:
+            return _MISSING
+        got: object = _MISSING
+        if isinstance(node, ScalarNode):
+            try:
+                got = self.scalar(node)
+            except yaml.YAMLError as e:
+                self.expected(node, path, what, f"{node.value!r} ({getattr(e, 'problem', e)})")
+                return None
+        converted = None if got is _MISSING else convert(got)
+        if converted is None:
+            self.expected(node, path, what)
+        return converted
+
+    def required(
+        self,
+        entries: Mapping[str, Node],
+        prefix: str,
+        key: str,
+        what: str,
+        convert: Callable[[object], T | None],
+        *,
+        parent: Node,
+    ) -> T | None:
+        """Like `value`, but a missing key is an error reported at its parent mapping's line."""
+        got = self.value(entries, prefix, key, what, convert)
+        if isinstance(got, _Missing):
+            path = f"{prefix}.{key}" if prefix else key
+            self.expected(parent, path, what, "nothing (a required key is missing)")
+            return None
+        return got
+
+
+def _name(value: object) -> str | None:
+    return value if isinstance(value, str) and _NAME.fullmatch(value) else None
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _boolean(value: object) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _integer(low: int, high: int) -> Callable[[object], int | None]:
+    def convert(value: object) -> int | None:
+        # bool is an int subclass: `workers: yes` must not mean one worker.
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        return value if ok else None  # type: ignore[return-value]
+
+    return convert
+
+
+def _seconds(high: float) -> Callable[[object], float | None]:
+    def convert(value: object) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        number = float(value)
+        return number if math.isfinite(number) and 0 < number <= high else None
+
+    return convert
+
+
+_NODE_KEYS = (
+    "node",
+    "data_dir",
+    "cages",
+    "graceful_timeout",
+    "checkpoint_interval",
+    "durable",
+    "max_body",
+    "heartbeat_timeout",
+)
+_CAGE_KEYS = ("name", "modules", "workers", "threads", "http")
+
+
+def load_config(path: str | os.PathLike[str]) -> NodeConfig:
+    """Read and validate a node config; ConfigError listing every problem if it is not valid."""
+    label = os.fspath(path)
+    file = Path(os.path.abspath(label))
+    base = file.parent
+    try:
+        with open(file, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError([f"{label}: cannot read the config: {e.strerror or e}"]) from None
+    # Bytes, not text: the YAML reader detects the encoding (UTF-8/16 BOM) and reports bad bytes.
+    loader = yaml.SafeLoader(data)
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            where = f"{label}:{mark.line + 1}" if mark else label
+            problem = e.problem or e.context or "unknown problem"
+            raise ConfigError([f"{where}: expected valid YAML, got {problem}"]) from None
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{label}: expected valid YAML, got {e}"]) from None
+        if root is None:
+            raise ConfigError([f"{label}: expected a mapping of node settings, got an empty file"])
+        reader = _Reader(label, loader)
+        cfg = _read_node(reader, root, file, base)
+    finally:
+        loader.dispose()
+    if reader.errors or cfg is None:
+        raise ConfigError(reader.errors)
+    return cfg
+
+
+def _read_node(reader: _Reader, root: Node, file: Path, base: Path) -> NodeConfig | None:
+    """Convert the top-level mapping; None if anything was wrong (the reader has the errors)."""
+    top = reader.mapping(root, "", _NODE_KEYS, "a mapping of node settings")
+    if top is None:
+        return None
+    node = reader.required(top, "", "node", _NAME_EXPECTED, _name, parent=root)
+    data_dir = reader.value(top, "", "data_dir", "a directory path", _text)
+    options: dict[str, Any] = {}
+    for key, what, convert in (
+        ("graceful_timeout", "a number of seconds > 0 and <= 3600", _seconds(3600)),
+        ("checkpoint_interval", "a number of seconds > 0 and <= 86400", _seconds(86400)),
+        ("heartbeat_timeout", "a number of seconds > 0 and <= 3600", _seconds(3600)),
+        ("durable", "true or false", _boolean),
+        ("max_body", "a number of bytes from 1 to 1073741824", _integer(1, 1 << 30)),
+    ):
+        got = reader.value(top, "", key, what, convert)
+        if not isinstance(got, _Missing):
+            options[key] = got
+    cages = _read_cages(reader, top, root, base)
+    if reader.errors or node is None or cages is None:
+        return None
+    return NodeConfig(
+        file=file,
+        node=node,
+        data_dir=(base / (data_dir if isinstance(data_dir, str) else "var")).resolve(),
+        cages=cages,
+        _origin=_Origin(reader.label, reader.lines),
+        **options,
+    )
+
+
+def _read_cages(
+    reader: _Reader, top: Mapping[str, Node], root: Node, base: Path
+) -> tuple[CageConfig, ...] | None:
+    what = "a non-empty list of cages"
+    seq = top.get("cages")
+    if seq is None:
+        reader.expected(root, "cages", what, "nothing (a required key is missing)")
+        return None
+    if not isinstance(seq, SequenceNode) or seq.tag != _SEQ_TAG or not seq.value:
+        reader.expected(seq, "cages", what, "an empty list" if seq.value == [] else None)
+        return None
+    cages: list[CageConfig] = []
+    names: dict[str, str] = {}
+    addresses: list[tuple[HttpAddress, str, Node]] = []
+    for i, item in enumerate(seq.value):
+        path = f"cages[{i}]"
+        entries = reader.mapping(item, path, _CAGE_KEYS, "a mapping of cage settings")
+        if entries is None:
+            continue
+        name = reader.required(entries, path, "name", _NAME_EXPECTED, _name, parent=item)
+        if name is not None:
+            if name in names:
+                reader.expected(
+                    entries["name"],
+                    f"{path}.name",
+                    "a name unique in the node",
+                    f"{name!r} (already the name of {names[name]})",
+                )
+            else:
+                names[name] = path
+        modules = _read_modules(reader, entries, path, item, base)
+        workers = reader.value(
+            entries, path, "workers", "an integer from 1 to 256", _integer(1, 256)
+        )
+        threads = reader.value(
+            entries, path, "threads", "an integer from 1 to 1024", _integer(1, 1024)
+        )
+        http = _read_http(reader, entries, f"{path}.http", item, addresses)
+        if name is None or modules is None or workers is None or threads is None or http is None:
+            continue
+        cages.append(
+            CageConfig(
+                name=name,
+                modules=modules,
+                workers=1 if isinstance(workers, _Missing) else workers,
+                threads=4 if isinstance(threads, _Missing) else threads,
+                http=None if isinstance(http, _Missing) else http,
+            )
+        )
+    return tuple(cages)
+
+
+def _read_modules(
+    reader: _Reader, entries: Mapping[str, Node], prefix: str, parent: Node, base: Path
+) -> Path | None:
+    what = "an existing directory of modules"
+    path = f"{prefix}.modules"
+    text = reader.required(entries, prefix, "modules", what, _text, parent=parent)
+    if text is None:
+        return None
+    directory = (base / text).resolve()
+    if not directory.is_dir():
+        why = "is not a directory" if directory.exists() else "does not exist"
+        reader.expected(entries["modules"], path, what, f"{text!r} ({directory} {why})")
+        return None
+    return directory
+
+
+def _overlaps(a: HttpAddress, b: HttpAddress) -> bool:
+    """Whether two listening addresses would collide: same port, same or wildcard host."""
+    if a.port != b.port:
+        return False
+
+    def canonical(host: str) -> str:
+        try:
+            return str(ipaddress.ip_address(host))
+        except ValueError:
+            return host.lower().rstrip(".")
+
+    ha, hb = canonical(a.host), canonical(b.host)
+    if ha == hb or "::" in (ha, hb):  # "::" is dual-stack on Linux: it takes IPv4 too
+        return True
+    # 0.0.0.0 takes every IPv4 address (and a host name may well resolve to one), not IPv6 ones.
+    other = hb if ha == "0.0.0.0" else ha if hb == "0.0.0.0" else None
+    return other is not None and ":" not in other
+
+
+def _read_http(
+    reader: _Reader,
+    entries: Mapping[str, Node],
+    path: str,
+    parent: Node,
+    seen: list[tuple[HttpAddress, str, Node]],
+) -> HttpAddress | _Missing | None:
+    what = 'an address "HOST:PORT" or "[IPV6]:PORT" with PORT 1..65535'
+    node = entries.get("http")
+    if node is None:
+        return _MISSING
+    # The raw text, not the constructed value: YAML 1.1 reads `8080:80` as a base-60 integer.
+    if not isinstance(node, ScalarNode) or node.tag not in (
+        "tag:yaml.org,2002:str",
+        "tag:yaml.org,2002:int",
+    ):
+        reader.expected(node, path, what)
+        return None
+    try:
+        address = HttpAddress.parse(node.value)
+    except ValueError as e:
+        reader.expected(node, path, what, f"{node.value!r} ({e})")
+        return None
+    for other, other_path, other_node in seen:
+        if _overlaps(address, other):
+            line = other_node.start_mark.line + 1
+            reader.expected(
+                node,
+                path,
+                "an address no other cage listens on",
+                f"{node.value!r} (overlaps {other_path}, {other} at line {line})",
+            )
+            return None
+    seen.append((address, path, node))
+    return address
+
+
+# --- port check --------------------------------------------------------------------------------
+
+
+def check_ports(cfg: NodeConfig) -> list[str]:
+    """Try to listen on every cage's HTTP address; one error string per address that fails.
+
+    A side effect (a socket bound for an instant), hence not part of `load_config`. SO_REUSEADDR
+    as the server will use, so a port in TIME_WAIT does not count as taken.
+    """
+    errors: list[str] = []
+    for i, cage in enumerate(cfg.cages):
+        if cage.http is None:
+            continue
+        key = f"cages[{i}].http"
+        try:
+            infos = socket.getaddrinfo(
+                cage.http.host, cage.http.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            family, kind, proto, _, sockaddr = infos[0]
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(sockaddr)
+                sock.listen(1)  # on Linux a clash with another listener can show only here
+        except OSError as e:
+            errors.append(
+                f"{locate(cfg, key)}: {key}: expected an address this host can listen on, "
+                f"got {str(cage.http)!r} ({e.strerror or e})"
+            )
+    return errors
