@@ -1,0 +1,62 @@
+"""pmnc.safe: a module's private, persistent, dict-like safe on Berkeley DB.
+
+    with Safe.open("var/safe/node1.demo.counter") as safe:
+        safe["foo"] = {(None,): [1, "bar", Decimal("1.0")]}
+        safe.modify("hits", lambda n: n + 1, 0)
+
+Every call is one transaction, atomic and (by default) durable when it returns. This package
+knows nothing of the runtime; `prepare`, `recover` and `users` are what a supervisor or an
+operator's tool needs around it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import env as _env
+from .errors import (
+    SafeBusyError,
+    SafeClosedError,
+    SafeCorruptError,
+    SafeError,
+    SafeForkError,
+    SafeNeedsRecoveryError,
+    SafeNoSpaceError,
+    SafePermissionError,
+    SafeTimeoutError,
+)
+from .store import DEFAULT_CACHE_SIZE, Safe
+
+__all__ = [
+    "Safe",
+    "SafeBusyError",
+    "SafeClosedError",
+    "SafeCorruptError",
+    "SafeError",
+    "SafeForkError",
+    "SafeNeedsRecoveryError",
+    "SafeNoSpaceError",
+    "SafePermissionError",
+    "SafeTimeoutError",
+    "prepare",
+    "recover",
+    "users",
+]
+
+
+def prepare(path: str | os.PathLike[str], *, cache_size: int = DEFAULT_CACHE_SIZE) -> float:
+    """Create the safe, or recover it if a process died using it; leave no handle open.
+
+    For a supervisor before it forks its workers. Returns the seconds it took.
+    """
+    return _env.prepare(path, cache_size=cache_size)
+
+
+def recover(path: str | os.PathLike[str], *, catastrophic: bool = False) -> float:
+    """Recover a safe that no process is using (SafeBusyError naming the pids otherwise)."""
+    return _env.recover(path, catastrophic=catastrophic)
+
+
+def users(path: str | os.PathLike[str]) -> list[int]:
+    """The pids of the processes that have the safe open now."""
+    return _env.users(path)

@@ -1,0 +1,677 @@
+"""Berkeley DB environments: the only module that imports the untyped `berkeleydb` binding.
+
+One safe is one directory holding one Berkeley DB environment and one B-tree database. This
+module owns everything that touches them: flags, opening, recovery, the retry funnel through which
+every operation passes, error translation, the per-process maintenance thread, and the rules for
+handles across fork(). What it relies on was measured (../shared/notes/berkeleydb.md) and is
+proven again by tests/unit/test_env_facts.py:
+
+- DB_REGISTER allows one DBEnv per process per environment, so a process keeps one
+  `Environment` per directory in `_registry`, shared by every `Safe` opened on that path.
+- A handle inherited across fork() must never be used, closed or garbage-collected by the child:
+  doing so panics the parent's environment. The child therefore pins inherited handles forever
+  (an extra reference that is never released) and forgets them.
+- Lock timeouts are only evaluated when the deadlock detector runs, and a waiter blocked on a lock
+  whose holder died is never woken otherwise: the maintenance thread runs the detector for expired
+  lock requests every tick so that every wait is bounded.
+- A file-backed region that grows on a full disk kills the process with SIGBUS, so writes are
+  refused with SafeNoSpaceError while free space is under a reserve.
+- Checkpoints with DB_LOG_AUTO_REMOVE keep the logs, and recovery time, bounded.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import random
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from berkeleydb import db
+
+from .errors import (
+    SafeBusyError,
+    SafeClosedError,
+    SafeCorruptError,
+    SafeError,
+    SafeForkError,
+    SafeNeedsRecoveryError,
+    SafeNoSpaceError,
+    SafePermissionError,
+    SafeTimeoutError,
+)
+
+log = logging.getLogger("pmnc.safe")
+
+T = TypeVar("T")
+
+DB_FILE = "safe.db"
+REGISTER_FILE = "__db.register"
+
+ENV_FLAGS = (
+    db.DB_CREATE
+    | db.DB_INIT_LOCK
+    | db.DB_INIT_LOG
+    | db.DB_INIT_MPOOL
+    | db.DB_INIT_TXN
+    | db.DB_THREAD
+    | db.DB_REGISTER
+)
+DB_OPEN_FLAGS = db.DB_THREAD | db.DB_AUTO_COMMIT
+
+# A lock request waiting longer than this is expired by the maintenance thread's detector run and
+# retried by the funnel; the caller's own deadline bounds the whole call.
+LOCK_TIMEOUT_S = 0.5
+# The maintenance thread's period: it bounds how late an expired lock wait is noticed.
+TICK_S = 0.1
+# Checkpoint as soon as this much log was written since the last one, whatever the interval.
+CHECKPOINT_KBYTES = 8 * 1024
+# Backoff between retries of a deadlocked or expired operation (notes, summary step 8).
+BACKOFF_MAX_S = 0.05
+# How long a free-space reading is trusted before statvfs is asked again.
+SPACE_CHECK_PERIOD_S = 0.2
+LATENCY_SAMPLES = 2048
+
+_RETRYABLE = (db.DBLockDeadlockError, db.DBLockNotGrantedError)
+
+
+@dataclass(frozen=True)
+class Options:
+    """How one `Safe` uses its environment; several Safes on one path may differ."""
+
+    durable: bool
+    timeout: float
+    min_free_space: int
+
+
+class _Stats:
+    """Per-process counters of one environment, cheap enough for every call."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ops: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.retries = 0
+        self.latencies: dict[str, deque[float]] = {}
+
+    def record(self, what: str, seconds: float, retries: int) -> None:
+        with self.lock:
+            self.ops[what] = self.ops.get(what, 0) + 1
+            self.retries += retries
+            samples = self.latencies.get(what)
+            if samples is None:
+                samples = self.latencies[what] = deque(maxlen=LATENCY_SAMPLES)
+            samples.append(seconds)
+
+    def error(self, what: str) -> None:
+        with self.lock:
+            self.errors[what] = self.errors.get(what, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            latency: dict[str, dict[str, float]] = {}
+            for what, samples in self.latencies.items():
+                ordered = sorted(samples)
+                if ordered:
+                    latency[what] = {
+                        "p50_ms": 1000 * ordered[len(ordered) // 2],
+                        "p99_ms": 1000 * ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)],
+                    }
+            return {
+                "ops": dict(self.ops),
+                "errors": dict(self.errors),
+                "retries": self.retries,
+                "latency": latency,
+            }
+
+
+def _pin(obj: object) -> None:
+    """Keep `obj` alive forever: its deallocation would close a Berkeley DB handle."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
+def _open_env(path: Path, *, cache_size: int, recover: int) -> Any:
+    """Open (creating if needed) the environment at `path` with our flags, or raise SafeError."""
+    env = db.DBEnv()
+    try:
+        # Region settings only take effect when the region is created; every opener sets the same
+        # ones so that whoever creates it (supervisor or a standalone process) configures it.
+        env.set_cachesize(cache_size >> 30, cache_size & ((1 << 30) - 1), 1)
+        env.set_lk_detect(db.DB_LOCK_DEFAULT)
+        env.set_timeout(int(LOCK_TIMEOUT_S * 1_000_000), db.DB_SET_LOCK_TIMEOUT)
+        env.open(str(path), ENV_FLAGS | recover, 0o600)
+        env.log_set_config(db.DB_LOG_AUTO_REMOVE, 1)
+    except db.DBError as e:
+        with contextlib.suppress(db.DBError):
+            env.close()
+        raise translate(path, "open the environment", e) from e
+    return env
+
+
+def _open_db(path: Path, env: Any, *, create: bool) -> Any:
+    handle = db.DB(env)
+    try:
+        handle.set_flags(db.DB_CHKSUM)
+        handle.open(
+            DB_FILE, None, db.DB_BTREE, DB_OPEN_FLAGS | (db.DB_CREATE if create else 0), 0o600
+        )
+    except db.DBError as e:
+        with contextlib.suppress(db.DBError):
+            handle.close()
+        if isinstance(e, db.DBNoSuchFileError) and not create:
+            raise SafeError(
+                path, "open", "no such safe", "check the path, or open with create=True"
+            ) from e
+        raise translate(path, f"open {DB_FILE}", e) from e
+    return handle
+
+
+def _check_directory(path: Path, *, create: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise SafeError(path, "open", "the path exists and is not a directory", "give a directory")
+    if not path.exists():
+        if not create:
+            raise SafeError(
+                path, "open", "no such safe", "check the path, or open with create=True"
+            )
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except PermissionError as e:
+            raise SafePermissionError(
+                path, "create the directory", str(e), "fix the permissions of its parent"
+            ) from e
+        except OSError as e:
+            raise SafeError(path, "create the directory", str(e)) from e
+    elif not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise SafePermissionError(
+            path,
+            "open",
+            "permission denied on the directory",
+            "run as its owner or fix its permissions",
+        )
+
+
+def translate(path: Path, what: str, e: BaseException) -> SafeError:
+    """Map a Berkeley DB or OS error to the SafeError subclass a caller can act on."""
+    code = e.args[0] if e.args and isinstance(e.args[0], int) else None
+    why = str(e.args[1]) if len(e.args) > 1 else str(e)
+    if isinstance(e, db.DBRunRecoveryError):
+        return SafeNeedsRecoveryError(
+            path,
+            what,
+            f"the environment needs recovery: {why}",
+            "under pmnc-runtime the supervisor recovers it; standalone, close it in every "
+            "process and open it again",
+        )
+    if isinstance(e, db.DBNoSpaceError) or code == errno.ENOSPC or "BDB3017" in why:
+        return SafeNoSpaceError(
+            path, what, f"no space left on the device: {why}", "free disk space; nothing was lost"
+        )
+    if isinstance(e, db.DBPermissionsError | db.DBAccessError | PermissionError) or code in (
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+    ):
+        return SafePermissionError(
+            path, what, f"permission denied: {why}", "check the owner, mode and mount of the safe"
+        )
+    if isinstance(e, db.DBVerifyBadError | db.DBPageNotFoundError) or (
+        isinstance(e, db.DBInvalidArgError | db.DBOldVersionError)
+        and ("type or format" in why or "magic" in why or "checksum" in why or "version" in why)
+    ):
+        return SafeCorruptError(
+            path,
+            what,
+            f"a file is damaged or not a pmnc safe: {why}",
+            "restore it from a backup, or run `pmnc-runtime safe verify` on it",
+        )
+    if isinstance(e, _RETRYABLE):
+        return SafeTimeoutError(path, what, f"lock contention: {why}")
+    return SafeError(path, what, why)
+
+
+class Environment:
+    """This process's handles on one safe directory, shared by every `Safe` on that path."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        cache_size: int,
+        checkpoint_interval: float,
+        recover: bool,
+        create: bool,
+    ) -> None:
+        self.path = path
+        self.pid = os.getpid()
+        self.refs = 0
+        self.panicked = False
+        self.closed = False
+        self.stats = _Stats()
+        self._checkpoint_interval = checkpoint_interval
+        self._free_checked_at = 0.0
+        self._free_bytes = 0
+        _check_directory(path, create=create)
+        if not create and not (path / DB_FILE).exists():
+            raise SafeError(
+                path, "open", "no such safe", "check the path, or open with create=True"
+            )
+        self._env = _open_env(path, cache_size=cache_size, recover=db.DB_RECOVER if recover else 0)
+        try:
+            self._db = _open_db(path, self._env, create=create)
+        except SafeError:
+            with contextlib.suppress(db.DBError):
+                self._env.close()
+            raise
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._maintain, name=f"pmnc.safe maintenance {path.name}", daemon=True
+        )
+        self._thread.start()
+
+    # -- the funnel ------------------------------------------------------------------------------
+
+    def call(self, what: str, options: Options, body: Callable[[], T]) -> T:
+        """Run `body` (one whole transaction or one read) with retries, bounds and translation.
+
+        Deadlocks and expired lock waits are retried with jittered exponential backoff until
+        `options.timeout`; then SafeTimeoutError, raised from the last Berkeley DB error.
+        """
+        self._check_usable(what)
+        started = time.perf_counter()
+        deadline = time.monotonic() + options.timeout
+        attempt = 0
+        while True:
+            try:
+                result = body()
+            except _RETRYABLE as e:
+                attempt += 1
+                if time.monotonic() >= deadline:
+                    self.stats.error(what)
+                    raise SafeTimeoutError(
+                        self.path,
+                        what,
+                        f"could not get the locks it needs within {options.timeout:g} s "
+                        f"({attempt} attempts); a process may have died holding them and the "
+                        "environment may need recovery",
+                        "under pmnc-runtime the supervisor recovers it; standalone, close it in "
+                        "every process and open it again",
+                    ) from e
+                time.sleep(random.uniform(0, min(BACKOFF_MAX_S, 0.001 * 2 ** min(attempt, 10))))
+                self._check_usable(what)
+                continue
+            except db.DBError as e:
+                self.stats.error(what)
+                if isinstance(e, db.DBRunRecoveryError):
+                    self.panicked = True
+                raise translate(self.path, what, e) from e
+            self.stats.record(what, time.perf_counter() - started, attempt)
+            return result
+
+    def _check_usable(self, what: str) -> None:
+        if self.pid != os.getpid():
+            raise SafeForkError(
+                self.path,
+                what,
+                f"opened in pid {self.pid}, used in pid {os.getpid()}",
+                "open the safe after fork",
+            )
+        if self.closed:
+            raise SafeClosedError(self.path, what, "the safe is closed", "open it again")
+        if self.panicked:
+            raise SafeNeedsRecoveryError(
+                self.path,
+                what,
+                "the environment needs recovery (it panicked earlier in this process)",
+                "under pmnc-runtime the supervisor recovers it; standalone, close it in every "
+                "process and open it again",
+            )
+
+    @contextlib.contextmanager
+    def txn(self, options: Options) -> Iterator[Any]:
+        """One transaction: abort on any exception (BaseException included), commit otherwise.
+
+        Durable: the commit flushes the log to disk before returning (Berkeley DB's default).
+        Not durable: DB_TXN_WRITE_NOSYNC writes the log to the OS without fsync, which survives a
+        process crash but not an OS crash or power loss.
+        """
+        txn = self._env.txn_begin(flags=0 if options.durable else db.DB_TXN_WRITE_NOSYNC)
+        try:
+            yield txn
+        except BaseException:
+            with contextlib.suppress(db.DBError):
+                txn.abort()
+            raise
+        txn.commit()
+
+    def check_space(self, what: str, options: Options) -> None:
+        """Refuse a write while free space is under the reserve (a growing region would SIGBUS)."""
+        if options.min_free_space <= 0:
+            return
+        now = time.monotonic()
+        if now - self._free_checked_at > SPACE_CHECK_PERIOD_S:
+            st = os.statvfs(self.path)
+            self._free_bytes = st.f_bavail * st.f_frsize
+            self._free_checked_at = now
+        if self._free_bytes < options.min_free_space:
+            self.stats.error(what)
+            raise SafeNoSpaceError(
+                self.path,
+                what,
+                f"only {self._free_bytes >> 20} MiB free on the filesystem, under the reserve of "
+                f"{options.min_free_space >> 20} MiB; nothing was written",
+                "free disk space: writes resume by themselves; reads go on meanwhile",
+            )
+
+    # -- operations (raw bytes; the store encodes) -----------------------------------------------
+
+    def get(self, key: bytes) -> bytes | None:
+        value: bytes | None = self._db.get(key)
+        return value
+
+    def get_rmw(self, txn: Any, key: bytes) -> bytes | None:
+        """Read with a write lock, so that the write that follows cannot deadlock on an upgrade."""
+        value: bytes | None = self._db.get(key, txn=txn, flags=db.DB_RMW)
+        return value
+
+    def put(self, txn: Any, key: bytes, value: bytes) -> None:
+        self._db.put(key, value, txn=txn)
+
+    def delete(self, txn: Any, key: bytes) -> bool:
+        try:
+            self._db.delete(key, txn=txn)
+        except db.DBNotFoundError:
+            return False
+        return True
+
+    def first(self, txn: Any) -> tuple[bytes, bytes] | None:
+        cursor = self._db.cursor(txn)
+        try:
+            record: tuple[bytes, bytes] | None = cursor.first(flags=db.DB_RMW)
+            return record
+        finally:
+            cursor.close()
+
+    def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` records with keys greater than `after`, by a short-lived cursor.
+
+        The cursor is closed before the batch is returned, so an iterating caller holds no lock
+        between batches and never blocks writers.
+        """
+        out: list[tuple[bytes, bytes]] = []
+        cursor = self._db.cursor()
+        try:
+            record = cursor.first() if after is None else cursor.set_range(after)
+            if record is not None and after is not None and record[0] == after:
+                record = cursor.next()
+            while record is not None and len(out) < limit:
+                out.append(record)
+                record = cursor.next() if len(out) < limit else None
+        finally:
+            cursor.close()
+        return out
+
+    def count(self) -> int:
+        n: int = self._db.stat()["ndata"]
+        return n
+
+    def delete_some(self, txn: Any, limit: int) -> int:
+        cursor = self._db.cursor(txn)
+        n = 0
+        try:
+            record = cursor.first(flags=db.DB_RMW)
+            while record is not None and n < limit:
+                cursor.delete()
+                n += 1
+                record = cursor.next(flags=db.DB_RMW)
+        finally:
+            cursor.close()
+        return n
+
+    def checkpoint(self) -> None:
+        self._env.txn_checkpoint(0, 0, db.DB_FORCE)
+
+    def info(self) -> dict[str, Any]:
+        """Environment-wide figures: log, checkpoint, cache."""
+        log_stat = self._env.log_stat()
+        txn_stat = self._env.txn_stat()
+        mpool = self._env.memp_stat()[0]
+        hits, misses = mpool.get("cache_hit", 0), mpool.get("cache_miss", 0)
+        return {
+            "last_checkpoint": txn_stat.get("time_ckp", 0),
+            "cache_hit_ratio": hits / (hits + misses) if hits + misses else 1.0,
+            "log_bytes": sum(
+                p.stat().st_size for p in self.path.glob("log.*") if p.name[4:].isdigit()
+            ),
+            "log_file": log_stat.get("cur_file", 0),
+        }
+
+    # -- maintenance -----------------------------------------------------------------------------
+
+    def _maintain(self) -> None:
+        """Expire overdue lock waits every tick; checkpoint by log volume and by interval."""
+        last_forced = time.monotonic()
+        while not self._stop.wait(TICK_S):
+            try:
+                self._env.lock_detect(db.DB_LOCK_EXPIRE)
+                if time.monotonic() - last_forced >= self._checkpoint_interval:
+                    self._env.txn_checkpoint(0, 0, 0)
+                    last_forced = time.monotonic()
+                else:
+                    self._env.txn_checkpoint(CHECKPOINT_KBYTES, 0, 0)
+            except db.DBRunRecoveryError:
+                self.panicked = True
+                log.exception("%s: the environment needs recovery; maintenance stopped", self.path)
+                return
+            except db.DBError as e:
+                log.warning("%s: maintenance: %s", self.path, e)
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop maintenance, checkpoint (so the next recovery is short), close the handles.
+
+        A panicked environment is never closed: closing one was seen to spin forever. Its handles
+        are pinned instead, and the process should exit.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        if self.panicked or self._thread.is_alive():
+            _pin(self._env)
+            _pin(self._db)
+            return
+        try:
+            with contextlib.suppress(db.DBError):
+                self._env.txn_checkpoint(0, 0, 0)
+            self._db.close()
+            self._env.close()
+        except db.DBError as e:
+            raise translate(self.path, "close", e) from e
+
+    def forget_inherited(self) -> None:
+        """In a forked child: never touch these handles again, not even to free them."""
+        _pin(self._env)
+        _pin(self._db)
+
+
+# -- the per-process registry -------------------------------------------------------------------
+
+_registry: dict[Path, Environment] = {}
+_registry_lock = threading.Lock()
+_inherited: list[Environment] = []
+
+
+def _key(path: str | os.PathLike[str]) -> Path:
+    return Path(os.path.abspath(os.fspath(path)))
+
+
+def acquire(
+    path: str | os.PathLike[str],
+    *,
+    cache_size: int,
+    checkpoint_interval: float,
+    recover: bool,
+    create: bool,
+) -> Environment:
+    """This process's environment for `path`, opened on first use and counted per user."""
+    key = _key(path)
+    with _registry_lock:
+        env = _registry.get(key)
+        if env is not None and env.panicked:
+            raise SafeNeedsRecoveryError(
+                key,
+                "open",
+                "this process already holds a panicked handle on it",
+                "exit this process; under pmnc-runtime the supervisor recovers the safe",
+            )
+        if env is None:
+            env = Environment(
+                key,
+                cache_size=cache_size,
+                checkpoint_interval=checkpoint_interval,
+                recover=recover,
+                create=create,
+            )
+            _registry[key] = env
+        env.refs += 1
+        return env
+
+
+def release(env: Environment) -> None:
+    """Drop one user; the last one closes the handles."""
+    with _registry_lock:
+        env.refs -= 1
+        if env.refs > 0:
+            return
+        if _registry.get(env.path) is env:
+            del _registry[env.path]
+    env.close()
+
+
+def _after_fork_in_child() -> None:
+    global _registry_lock
+    # Another thread may have held the lock at the fork: the child gets a fresh one.
+    _registry_lock = threading.Lock()
+    for env in _registry.values():
+        env.forget_inherited()
+        _inherited.append(env)
+    _registry.clear()
+
+
+def _close_all_at_exit() -> None:
+    for env in list(_registry.values()):
+        if env.pid == os.getpid():
+            with contextlib.suppress(SafeError):
+                env.close()
+    _registry.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_all_at_exit)
+
+
+# -- whole-environment operations for supervisors and tools --------------------------------------
+
+
+def prepare(path: str | os.PathLike[str], *, cache_size: int) -> float:
+    """Create the safe or recover it if a registered process died; leave nothing open.
+
+    For a supervisor before it forks: this process becomes the region's creator (cache size,
+    deadlock detector), creates the database, checkpoints, and closes every handle, so nothing
+    crosses the fork. No thread is started.
+    """
+    key = _key(path)
+    with _registry_lock:
+        if key in _registry:
+            raise SafeBusyError(
+                key, "prepare", "this process has the safe open", "close it first, then prepare"
+            )
+    started = time.monotonic()
+    _check_directory(key, create=True)
+    env = _open_env(key, cache_size=cache_size, recover=db.DB_RECOVER)
+    try:
+        handle = _open_db(key, env, create=True)
+        handle.close()
+        env.txn_checkpoint(0, 0, 0)
+    except db.DBError as e:
+        raise translate(key, "prepare", e) from e
+    finally:
+        with contextlib.suppress(db.DBError):
+            env.close()
+    return time.monotonic() - started
+
+
+def users(path: str | os.PathLike[str]) -> list[int]:
+    """Pids holding the environment open, read from DB_REGISTER's fcntl slot locks.
+
+    Opening and closing __db.register drops this process's own registration (fcntl semantics),
+    so a process that has the safe open answers from its registry instead of touching the file.
+    """
+    key = _key(path)
+    with _registry_lock:
+        own = [os.getpid()] if key in _registry else []
+    if own:
+        return own
+    register = key / REGISTER_FILE
+    try:
+        fd = os.open(register, os.O_RDWR)
+    except FileNotFoundError:
+        return []
+    except PermissionError as e:
+        raise translate(key, "list its users", e) from e
+    try:
+        size = os.fstat(fd).st_size
+        pids: set[int] = set()
+        # Slots are locked one byte each at their file offset; probing every offset is cheap
+        # for a file of a few hundred bytes and does not depend on the slot width.
+        for offset in range(size + 1):
+            probe = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+            answer = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
+            kind, _, _, _, pid = struct.unpack("hhqqi", answer)
+            if kind != fcntl.F_UNLCK and pid > 0:
+                pids.add(pid)
+        return sorted(pids)
+    finally:
+        os.close(fd)
+
+
+def recover(path: str | os.PathLike[str], *, catastrophic: bool = False) -> float:
+    """Run recovery on a safe that no process is using; SafeBusyError naming the users otherwise."""
+    key = _key(path)
+    if not (key / DB_FILE).exists():
+        raise SafeError(key, "recover", "no such safe", "check the path")
+    pids = users(key)
+    if pids:
+        raise SafeBusyError(
+            key,
+            "recover",
+            f"in use by pid {', '.join(map(str, pids))}",
+            "stop those processes first",
+        )
+    started = time.monotonic()
+    env = db.DBEnv()
+    # Without DB_REGISTER, recovery always runs (with it, it is skipped when nobody died).
+    flags = (ENV_FLAGS & ~db.DB_REGISTER) | (db.DB_RECOVER_FATAL if catastrophic else db.DB_RECOVER)
+    try:
+        env.open(str(key), flags, 0o600)
+        env.txn_checkpoint(0, 0, 0)
+    except db.DBError as e:
+        raise translate(key, "recover", e) from e
+    finally:
+        with contextlib.suppress(db.DBError):
+            env.close()
+    return time.monotonic() - started

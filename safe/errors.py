@@ -1,0 +1,59 @@
+"""The errors of pmnc.safe: one base class, one subclass per condition a caller may act on.
+
+Every message reads "<safe path>: <what failed>: <why> (<what to do>)", after py-lmdb's habit of
+putting the remedy in the error, so that a log line alone tells an operator what to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SafeError(Exception):
+    """A safe could not do what was asked; `path` names the safe's directory."""
+
+    def __init__(self, path: str | Path, what: str, why: str, todo: str = "") -> None:
+        self.path = Path(path)
+        self.what = what
+        self.why = why
+        self.todo = todo
+        message = f"{self.path}: {what}: {why}"
+        if todo:
+            message += f" ({todo})"
+        super().__init__(message)
+
+
+class SafeClosedError(SafeError):
+    """The safe was closed; open it again to use it."""
+
+
+class SafeTimeoutError(SafeError):
+    """A call could not finish by its deadline (lock waits and deadlock retries included)."""
+
+
+class SafeNeedsRecoveryError(SafeError):
+    """The environment panicked or a process died inside it: it must be recovered.
+
+    A worker under a supervisor should `os._exit()` at once without closing anything; the
+    supervisor recovers. Standalone, close it in every process and open it again.
+    """
+
+
+class SafeNoSpaceError(SafeError):
+    """The filesystem is (nearly) full; writes resume once space is freed. Reads go on."""
+
+
+class SafePermissionError(SafeError):
+    """The safe's directory or files cannot be accessed by this process."""
+
+
+class SafeCorruptError(SafeError):
+    """A file of the safe is damaged or is not a pmnc safe at all."""
+
+
+class SafeBusyError(SafeError):
+    """An operation that needs the safe to itself found processes using it."""
+
+
+class SafeForkError(SafeError):
+    """A `Safe` was used in a process other than the one that opened it (open it after fork)."""

@@ -1,0 +1,360 @@
+"""`Safe`: a persistent dict whose every call is one Berkeley DB transaction.
+
+Flow of a call: `Safe` method -> encode the key (UTF-8) and pickle the value (protocol 5) outside
+any lock -> `Environment.call` (the one funnel: pid and closed checks, deadlock/expiry retries
+with backoff until the deadline, error translation) -> one transaction or one plain read -> commit
+before returning. So each call is atomic and, by default, durable when it returns; two calls are
+two transactions, and nothing spans them.
+
+After diskcache, shelve and dbm.sqlite3: the five MutableMapping methods are implemented, and the
+inherited two-step `pop`, `setdefault`, `popitem`, `update` and `clear` are overridden where
+atomicity matters. No writeback cache, no `__del__` doing I/O.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    ValuesView,
+)
+from pathlib import Path
+from types import TracebackType
+from typing import Any, overload
+
+from . import env as _env
+from .errors import SafeClosedError
+
+PICKLE_PROTOCOL = 5
+DEFAULT_MAX_VALUE_SIZE = 64 << 20
+DEFAULT_CACHE_SIZE = 32 << 20
+DEFAULT_MIN_FREE_SPACE = 64 << 20
+# Records per cursor batch when iterating, and per transaction in `clear`: small enough that no
+# lock is held for long and the lock table never fills (a 144k-record transaction exhausted it).
+BATCH = 1000
+
+_MISSING: Any = object()
+
+
+def _encode_key(key: object) -> bytes:
+    if not isinstance(key, str):
+        raise TypeError(f"safe keys are str, got {type(key).__name__}: {key!r}")
+    # surrogatepass: any str is a valid key, lone surrogates included, and round-trips exactly.
+    return key.encode("utf-8", "surrogatepass")
+
+
+def _decode_key(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogatepass")
+
+
+def _loads(raw: bytes) -> object:
+    return pickle.loads(raw)
+
+
+class Safe(MutableMapping[str, object]):
+    """A module safe: a dict-like, persistent store shared by threads and processes.
+
+    Durability: with `durable=True` (the default) a write has been flushed to the log on disk
+    when it returns; a crash or `kill -9` afterwards loses nothing. With `durable=False` writes
+    are still atomic and survive a process crash, but an OS crash or power loss may lose the
+    last ones. A returned write is visible to every read that starts after it, in any thread of
+    any process. Use `modify` to read-compute-write atomically (e.g. an exact counter).
+    """
+
+    def __init__(self, environment: _env.Environment, options: _env.Options, max_value_size: int):
+        """Use `Safe.open`; this constructor takes an already acquired environment."""
+        self._environment = environment
+        self._options = options
+        self._max_value_size = max_value_size
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        durable: bool = True,
+        timeout: float = 10.0,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        min_free_space: int = DEFAULT_MIN_FREE_SPACE,
+        checkpoint_interval: float = 30.0,
+        recover: bool = True,
+        create: bool = True,
+    ) -> Safe:
+        """Open the safe in directory `path`, creating it if missing (unless `create=False`).
+
+        `recover=True` runs recovery when a process died with the safe open (Berkeley DB's
+        DB_REGISTER tells); processes that are still using it then get SafeNeedsRecoveryError.
+        Workers under a supervisor that recovers by itself pass `recover=False`.
+        `cache_size` only applies when this open creates the environment's regions.
+        """
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if max_value_size <= 0:
+            raise ValueError(f"max_value_size must be > 0 bytes, got {max_value_size!r}")
+        if checkpoint_interval <= 0:
+            raise ValueError(
+                f"checkpoint_interval must be > 0 seconds, got {checkpoint_interval!r}"
+            )
+        environment = _env.acquire(
+            path,
+            cache_size=cache_size,
+            checkpoint_interval=checkpoint_interval,
+            recover=recover,
+            create=create,
+        )
+        options = _env.Options(durable=durable, timeout=timeout, min_free_space=min_free_space)
+        return cls(environment, options, max_value_size)
+
+    @property
+    def path(self) -> Path:
+        """The safe's directory."""
+        return self._environment.path
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Safe {str(self.path)!r} {state}>"
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release this opening; the process's last one closes the environment. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        _env.release(self._environment)
+
+    def __enter__(self) -> Safe:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- the funnel ------------------------------------------------------------------------------
+
+    def _environment_for(self, what: str) -> _env.Environment:
+        if self._closed:
+            raise SafeClosedError(self.path, what, "the safe is closed", "open it again")
+        return self._environment
+
+    def _dumps(self, value: object) -> bytes:
+        data = pickle.dumps(value, PICKLE_PROTOCOL)
+        if len(data) > self._max_value_size:
+            raise ValueError(
+                f"{self.path}: value of {len(data)} bytes pickled exceeds max_value_size "
+                f"{self._max_value_size} bytes; nothing was stored"
+            )
+        return data
+
+    def _read(self, what: str, key: bytes) -> bytes | None:
+        environment = self._environment_for(what)
+        return environment.call(what, self._options, lambda: environment.get(key))
+
+    def _write(self, what: str, body: Callable[[_env.Environment, Any], Any]) -> Any:
+        """Run `body(environment, txn)` as one transaction, retried as a whole on conflict."""
+        environment = self._environment_for(what)
+        environment.check_space(what, self._options)
+
+        def transaction() -> Any:
+            with environment.txn(self._options) as txn:
+                return body(environment, txn)
+
+        return environment.call(what, self._options, transaction)
+
+    # -- MutableMapping --------------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> object:
+        raw = self._read("get", _encode_key(key))
+        if raw is None:
+            raise KeyError(key)
+        return _loads(raw)
+
+    def get(self, key: str, default: object = None) -> object:
+        raw = self._read("get", _encode_key(key))
+        return default if raw is None else _loads(raw)
+
+    def __contains__(self, key: object) -> bool:
+        return self._read("contains", _encode_key(key)) is not None
+
+    def __setitem__(self, key: str, value: object) -> None:
+        k, v = _encode_key(key), self._dumps(value)
+        self._write("set", lambda e, txn: e.put(txn, k, v))
+
+    def __delitem__(self, key: str) -> None:
+        k = _encode_key(key)
+        if not self._write("delete", lambda e, txn: e.delete(txn, k)):
+            raise KeyError(key)
+
+    def __len__(self) -> int:
+        environment = self._environment_for("len")
+        return environment.call("len", self._options, environment.count)
+
+    def _records(self) -> Iterator[tuple[bytes, bytes]]:
+        """Walk every record in key order, a batch per short-lived cursor.
+
+        A key deleted during the walk is simply not met; keys written meanwhile may or may not
+        appear. No lock is held between batches.
+        """
+        after: bytes | None = None
+        while True:
+            environment = self._environment_for("iterate")
+            batch = environment.call(
+                "iterate", self._options, functools.partial(environment.scan, after, BATCH)
+            )
+            yield from batch
+            if len(batch) < BATCH:
+                return
+            after = batch[-1][0]
+
+    def __iter__(self) -> Iterator[str]:
+        for key, _ in self._records():
+            yield _decode_key(key)
+
+    def items(self) -> ItemsView[str, object]:
+        return _ItemsView(self)
+
+    def values(self) -> ValuesView[object]:
+        return _ValuesView(self)
+
+    # -- atomic read-modify-writes -----------------------------------------------------------------
+
+    def modify(self, key: str, fn: Callable[[Any], object], default: object = None) -> object:
+        """Atomically replace the value at `key` by `fn(old)` and return the new value.
+
+        `old` is the stored value, or `default` when the key is absent. Read, compute and write
+        happen in one transaction holding the key's write lock, so concurrent `modify` calls on
+        one key, in any threads or processes, never lose an update. `fn` may run more than once
+        (the transaction is retried after a deadlock), so it should have no side effects; if it
+        raises, nothing is stored and the exception propagates.
+        """
+        k = _encode_key(key)
+
+        def body(e: _env.Environment, txn: Any) -> object:
+            raw = e.get_rmw(txn, k)
+            new = fn(default if raw is None else _loads(raw))
+            e.put(txn, k, self._dumps(new))
+            return new
+
+        return self._write("modify", body)
+
+    @overload
+    def pop(self, key: str) -> object: ...
+    @overload
+    def pop(self, key: str, default: object) -> object: ...
+
+    def pop(self, key: str, default: object = _MISSING) -> object:
+        """Remove `key` and return its value, in one transaction."""
+        k = _encode_key(key)
+
+        def body(e: _env.Environment, txn: Any) -> object:
+            raw = e.get_rmw(txn, k)
+            if raw is None:
+                return _MISSING
+            e.delete(txn, k)
+            return _loads(raw)
+
+        value = self._write("pop", body)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        return value
+
+    def setdefault(self, key: str, default: object = None) -> object:
+        """Return the value at `key`, storing `default` first if absent, in one transaction."""
+        k, v = _encode_key(key), self._dumps(default)
+
+        def body(e: _env.Environment, txn: Any) -> object:
+            raw = e.get_rmw(txn, k)
+            if raw is None:
+                e.put(txn, k, v)
+                return default
+            return _loads(raw)
+
+        return self._write("setdefault", body)
+
+    def popitem(self) -> tuple[str, object]:
+        """Remove and return the (key, value) with the smallest key, in one transaction."""
+
+        def body(e: _env.Environment, txn: Any) -> tuple[bytes, bytes] | None:
+            record = e.first(txn)
+            if record is not None:
+                e.delete(txn, record[0])
+            return record
+
+        record = self._write("popitem", body)
+        if record is None:
+            raise KeyError("popitem(): safe is empty")
+        return _decode_key(record[0]), _loads(record[1])
+
+    def update(  # type: ignore[override]
+        self, other: Mapping[str, object] | Iterable[tuple[str, object]] = (), /, **kwargs: object
+    ) -> None:
+        """Store every pair in one transaction: all of them or, on any error, none.
+
+        Everything is encoded first, so a bad key or an unpicklable value stores nothing.
+        A transaction takes one lock per page it writes: keep one call to some thousands of items.
+        """
+        pairs = other.items() if isinstance(other, Mapping) else other
+        encoded = [(_encode_key(k), self._dumps(v)) for k, v in pairs]
+        encoded += [(_encode_key(k), self._dumps(v)) for k, v in kwargs.items()]
+        if not encoded:
+            return
+
+        def body(e: _env.Environment, txn: Any) -> None:
+            for k, v in encoded:
+                e.put(txn, k, v)
+
+        self._write("update", body)
+
+    def clear(self) -> None:
+        """Delete every key, in transactions of up to 1,000 keys (not atomic as a whole)."""
+        while self._write("clear", lambda e, txn: e.delete_some(txn, BATCH)) == BATCH:
+            pass
+
+    # -- maintenance -------------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Checkpoint now: flush the cache, and let log files no longer needed be removed."""
+        environment = self._environment_for("checkpoint")
+        environment.call("checkpoint", self._options, environment.checkpoint)
+
+    def stats(self) -> dict[str, object]:
+        """This process's counters for the safe (shared by its openings) and environment figures."""
+        environment = self._environment_for("stats")
+        figures: dict[str, object] = dict(environment.stats.snapshot())
+        figures.update(environment.call("stats", self._options, environment.info))
+        return figures
+
+
+class _ItemsView(ItemsView[str, object]):
+    """Items by cursor batches: never a KeyError for a key deleted during the walk."""
+
+    _mapping: Safe
+
+    def __iter__(self) -> Iterator[tuple[str, object]]:
+        for key, raw in self._mapping._records():
+            yield _decode_key(key), _loads(raw)
+
+
+class _ValuesView(ValuesView[object]):
+    """Values by cursor batches: never a KeyError for a key deleted during the walk."""
+
+    _mapping: Safe
+
+    def __iter__(self) -> Iterator[object]:
+        for _, raw in self._mapping._records():
+            yield _loads(raw)
