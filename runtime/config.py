@@ -72,6 +72,8 @@ class HttpAddress:
     @classmethod
     def parse(cls, text: str) -> HttpAddress:
         """Parse "host:port" or "[ipv6]:port"; ValueError saying what is wrong otherwise."""
+        if "/" in text:
+            raise ValueError("a URL is not an address: no scheme or path, just HOST:PORT")
         if text.startswith("["):
             end = text.find("]")
             if end < 0:
@@ -90,7 +92,7 @@ class HttpAddress:
                 raise ValueError("no ':PORT'")
             if not host:
                 raise ValueError("no host before ':'")
-            if ":" in host:
+            if ":" in host and _is_ipv6(host):
                 raise ValueError("an IPv6 host needs brackets, as in [::1]:8080")
             if re.fullmatch(r"[0-9.]+", host):
                 try:
@@ -108,6 +110,14 @@ class HttpAddress:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -199,6 +209,7 @@ class _Reader:
         self.loader = loader
         self.found: list[tuple[int, str]] = []
         self.lines: dict[str, int] = {}
+        self.merged: dict[int, int] = {}  # id(mapping node) -> how many of its entries merged
 
     @property
     def errors(self) -> list[str]:
@@ -235,14 +246,19 @@ class _Reader:
         if not isinstance(node, MappingNode) or node.tag != _MAP_TAG:
             self.expected(node, path, what)
             return None
-        try:
-            self.loader.flatten_mapping(node)  # resolve "<<" merge keys as safe_load would
-        except yaml.YAMLError as e:
-            self.expected(node, path, what, f"an invalid merge ({getattr(e, 'problem', e)})")
-            return None
+        merged = self.merged.get(id(node))
+        if merged is None:  # first visit (an aliased mapping is the same node, flattened once)
+            explicit = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
+            try:
+                self.loader.flatten_mapping(node)  # resolve "<<" merge keys as safe_load would
+            except yaml.YAMLError as e:
+                self.expected(node, path, what, f"an invalid merge ({getattr(e, 'problem', e)})")
+                return None
+            # flatten_mapping puts the merged entries first; the explicit ones override them.
+            merged = self.merged[id(node)] = len(node.value) - explicit
         entries: dict[str, Node] = {}
         seen: dict[str, int] = {}
-        for key_node, value_node in node.value:
+        for index, (key_node, value_node) in enumerate(node.value):
             key: object = None
             if isinstance(key_node, ScalarNode):
                 try:
@@ -255,12 +271,14 @@ class _Reader:
                 )
                 continue
             key_path = f"{path}.{key}" if path else key
-            if key in seen:
-                self.expected(
-                    key_node, key_path, "each key once", f"it again (first at line {seen[key]})"
-                )
-                continue
-            seen[key] = key_node.start_mark.line + 1
+            line = key_node.start_mark.line + 1
+            if index >= merged:
+                if key in seen:
+                    self.expected(
+                        key_node, key_path, "each key once", f"it again (first at line {seen[key]})"
+                    )
+                    continue
+                seen[key] = line
             if key not in allowed:
                 close = difflib.get_close_matches(key, allowed, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -270,7 +288,7 @@ class _Reader:
                     f"expected one of {', '.join(allowed)}, got an unknown key{hint}",
                 )
                 continue
-            self.lines[key_path] = seen[key]
+            self.lines[key_path] = line
             entries[key] = value_node
         return entries
 
@@ -372,18 +390,8 @@ def load_config(path: str | os.PathLike[str]) -> NodeConfig:
             data = f.read()
     except OSError as e:
         raise ConfigError([f"{label}: cannot read the config: {e.strerror or e}"]) from None
-    # Bytes, not text: the YAML reader detects the encoding (UTF-8/16 BOM) and reports bad bytes.
-    loader = yaml.SafeLoader(data)
+    loader, root = _compose(label, data)
     try:
-        try:
-            root = loader.get_single_node()
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            where = f"{label}:{mark.line + 1}" if mark else label
-            problem = e.problem or e.context or "unknown problem"
-            raise ConfigError([f"{where}: expected valid YAML, got {problem}"]) from None
-        except yaml.YAMLError as e:
-            raise ConfigError([f"{label}: expected valid YAML, got {e}"]) from None
         if root is None:
             raise ConfigError([f"{label}: expected a mapping of node settings, got an empty file"])
         reader = _Reader(label, loader)
@@ -393,6 +401,27 @@ def load_config(path: str | os.PathLike[str]) -> NodeConfig:
     if reader.errors or cfg is None:
         raise ConfigError(reader.errors)
     return cfg
+
+
+def _compose(label: str, data: bytes) -> tuple[yaml.SafeLoader, Node | None]:
+    """Compose the one YAML document into nodes (which keep their lines); ConfigError if bad.
+
+    Bytes, not text: the YAML reader detects the encoding (UTF-8/16 BOM) and reports bad bytes.
+    """
+    try:
+        loader = yaml.SafeLoader(data)
+        return loader, loader.get_single_node()
+    except yaml.reader.ReaderError as e:
+        line = data.count(b"\n", 0, e.position) + 1
+        reason = str(e).splitlines()[0]
+        raise ConfigError([f"{label}:{line}: invalid YAML: {reason}"]) from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{label}:{mark.line + 1}" if mark else label
+        detail = ", ".join(part for part in (e.context, e.problem) if part) or "unknown problem"
+        raise ConfigError([f"{where}: invalid YAML: {detail}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{label}: invalid YAML: {e}"]) from None
 
 
 def _read_node(reader: _Reader, root: Node, file: Path, base: Path) -> NodeConfig | None:
