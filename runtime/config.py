@@ -492,7 +492,7 @@ def _read_cages(
         threads = reader.value(
             entries, path, "threads", "an integer from 1 to 1024", _integer(1, 1024)
         )
-        http = _read_http(reader, entries, f"{path}.http", item, addresses)
+        http = _read_http(reader, entries, f"{path}.http", addresses)
         if name is None or modules is None or workers is None or threads is None or http is None:
             continue
         cages.append(
@@ -546,7 +546,6 @@ def _read_http(
     reader: _Reader,
     entries: Mapping[str, Node],
     path: str,
-    parent: Node,
     seen: list[tuple[HttpAddress, str, Node]],
 ) -> HttpAddress | _Missing | None:
     what = 'an address "HOST:PORT" or "[IPV6]:PORT" with PORT 1..65535'

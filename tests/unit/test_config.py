@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from pmnc.runtime import cmd_check
 from pmnc.runtime.config import (
     CageConfig,
     ConfigError,
@@ -181,6 +183,25 @@ def test_int_where_float_expected_and_anchors_and_merge_keys(node_dir: Path) -> 
     cfg = load_config(path)
     assert cfg.graceful_timeout == 1.0
     assert [(c.name, c.threads) for c in cfg.cages] == [("a", 2), ("b", 2)]
+
+
+def test_an_aliased_cage_is_read_each_time_it_appears(node_dir: Path) -> None:
+    path = write(
+        node_dir,
+        """
+        node: n
+        cages:
+          - &c
+            <<: {threads: 3}
+            name: same
+            modules: modules
+          - *c
+        """,
+    )
+    assert errors_of(path) == [
+        f"{path}:5: cages[1].name: expected a name unique in the node, "
+        "got 'same' (already the name of cages[0])"
+    ]
 
 
 def test_safe_dir_and_module_names(node_dir: Path) -> None:
@@ -772,3 +793,29 @@ def test_check_missing_file(tmp_path: Path) -> None:
     assert result.stderr == (
         f"{tmp_path / 'absent.yaml'}: cannot read the config: No such file or directory\n"
     )
+
+
+def test_check_data_dir_not_writable(node_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As root os.access says yes to everything but a read-only file system: mock it instead.
+    seen: list[str] = []
+
+    def access(path: str | os.PathLike[str], mode: int) -> bool:
+        seen.append(os.fspath(path))
+        return False
+
+    cfg = load_config(write(node_dir, "data_dir: a/b/c\n" + MINIMAL.lstrip("\n")))
+    with monkeypatch.context() as m:
+        m.setattr(os, "access", access)
+        errors = cmd_check._check_data_dir(cfg)
+    assert errors == [
+        f"{cfg.file}:1: data_dir: expected a directory where safes can be created, "
+        f"got '{node_dir / 'a' / 'b' / 'c'}' ({node_dir} is not writable)"
+    ]
+    assert seen == [str(node_dir)]  # the nearest existing ancestor decides
+    assert not (node_dir / "a").exists()
+
+
+def test_check_data_dir_creatable_deep_path(node_dir: Path) -> None:
+    cfg = load_config(write(node_dir, "data_dir: x/y/z\n" + MINIMAL.lstrip("\n")))
+    assert cmd_check._check_data_dir(cfg) == []
+    assert not (node_dir / "x").exists()
