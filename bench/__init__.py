@@ -1,0 +1,10 @@
+"""pmnc's benchmark: `pmnc.safe` next to raw Berkeley DB, its peers and the disk's fsync rate.
+
+    ./dev bench [--duration 3] [--stores pmnc,berkeleydb,...] [--configs 1x1,4x8]
+                [--ops set_new,overwrite,get,mixed] [--dir DIR] [--json FILE] [--quick]
+
+Every cell (store x operation x processes x threads) runs on a fresh store directory, in
+processes forked from a parent that never opens a store itself, so no handle crosses a fork.
+The modules: `stores` (one adapter per store), `runner` (fork, threads, latency histograms),
+`fsync` (the physical limit), `report` (tables, ratios, targets), `cli` (options, the run).
+"""
