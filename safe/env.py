@@ -76,7 +76,7 @@ LOCK_TIMEOUT_S = 0.5
 # The maintenance thread's period: it bounds how late an expired lock wait is noticed.
 TICK_S = 0.1
 # Checkpoint as soon as this much log was written since the last one, whatever the interval.
-CHECKPOINT_KBYTES = 8 * 1024
+CHECKPOINT_KBYTES = 2 * 1024
 # Backoff between retries of a deadlocked or expired operation (notes, summary step 8).
 BACKOFF_MAX_S = 0.05
 # How long a free-space reading is trusted before statvfs is asked again.
@@ -440,6 +440,9 @@ class Environment:
         return n
 
     def checkpoint(self) -> None:
+        """Checkpoint twice: log removal keeps everything back to the start of the previous
+        checkpoint, so the second one is what lets the log written before the first one go."""
+        self._env.txn_checkpoint(0, 0, db.DB_FORCE)
         self._env.txn_checkpoint(0, 0, db.DB_FORCE)
 
     def info(self) -> dict[str, Any]:
@@ -496,7 +499,7 @@ class Environment:
             return
         try:
             with contextlib.suppress(db.DBError):
-                self._env.txn_checkpoint(0, 0, 0)
+                self.checkpoint()
             self._db.close()
             self._env.close()
         except db.DBError as e:
@@ -606,7 +609,8 @@ def prepare(path: str | os.PathLike[str], *, cache_size: int) -> float:
     try:
         handle = _open_db(key, env, create=True)
         handle.close()
-        env.txn_checkpoint(0, 0, 0)
+        env.txn_checkpoint(0, 0, db.DB_FORCE)
+        env.txn_checkpoint(0, 0, db.DB_FORCE)
     except db.DBError as e:
         raise translate(key, "prepare", e) from e
     finally:

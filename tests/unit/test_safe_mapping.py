@@ -1,0 +1,273 @@
+"""A Safe behaves as a MutableMapping[str, object] whose every call is one transaction."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from pmnc.safe import Safe, SafeClosedError, SafeError
+
+SEED = {(None,): [1, "bar", Decimal("1.0")]}
+
+
+@pytest.fixture
+def safe(tmp_path: Path):
+    with Safe.open(tmp_path / "node1.demo.mod") as s:
+        yield s
+
+
+def test_seed_value_round_trips_and_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    with Safe.open(path) as s:
+        s["foo"] = SEED
+        assert s["foo"] == SEED
+    with Safe.open(path) as s:
+        assert s["foo"] == SEED
+        assert s.get("foo", None) == SEED
+
+
+@pytest.mark.parametrize("key", ["", "ключ", "鍵🔑", "a\x00b", "\udcff lone surrogate", "x" * 4000])
+def test_any_str_key_round_trips(safe: Safe, key: str) -> None:
+    safe[key] = key
+    assert safe[key] == key
+    assert key in safe
+    assert list(safe) == [key]
+
+
+@pytest.mark.parametrize("key", [1, b"bytes", None, ("t",), 1.5])
+def test_non_str_keys_raise_type_error_naming_the_expectation(safe: Safe, key: object) -> None:
+    with pytest.raises(TypeError, match="safe keys are str"):
+        safe[key] = 1  # type: ignore[index]
+    with pytest.raises(TypeError, match="safe keys are str"):
+        safe.get(key)  # type: ignore[arg-type]
+    assert len(safe) == 0
+
+
+def test_missing_keys(safe: Safe) -> None:
+    with pytest.raises(KeyError) as info:
+        safe["nope"]
+    assert info.value.args == ("nope",)
+    with pytest.raises(KeyError):
+        del safe["nope"]
+    assert safe.get("nope") is None
+    assert safe.get("nope", 7) == 7
+    assert "nope" not in safe
+
+
+def test_set_overwrite_delete_len_and_iteration_in_key_order(safe: Safe) -> None:
+    for k in ["b", "a", "c"]:
+        safe[k] = k.upper()
+    safe["a"] = "A2"
+    assert len(safe) == 3
+    assert list(safe) == ["a", "b", "c"]
+    assert list(safe.keys()) == ["a", "b", "c"]
+    assert list(safe.values()) == ["A2", "B", "C"]
+    assert dict(safe.items()) == {"a": "A2", "b": "B", "c": "C"}
+    assert ("a", "A2") in safe.items()
+    del safe["b"]
+    assert dict(safe) == {"a": "A2", "c": "C"}
+
+
+def test_iteration_spans_batches(safe: Safe) -> None:
+    safe.update({f"k{i:05d}": i for i in range(2500)})
+    assert len(safe) == 2500
+    assert [int(k[1:]) for k in safe] == list(range(2500))
+    assert sum(safe.values()) == sum(range(2500))  # type: ignore[arg-type]
+
+
+def test_iteration_never_raises_for_keys_deleted_meanwhile(safe: Safe) -> None:
+    safe.update({f"k{i:05d}": i for i in range(3000)})
+    seen = []
+    for i, (k, v) in enumerate(safe.items()):
+        seen.append(k)
+        if i == 10:
+            for j in range(11, 3000, 2):
+                del safe[f"k{j:05d}"]
+        assert safe.get(k, v) == v
+    # Keys deleted after their batch was read may still appear; every survivor appears once.
+    assert len(seen) == len(set(seen))
+    assert set(safe) <= set(seen)
+    assert len(safe) == 11 + (3000 - 11) // 2
+    assert f"k{2999:05d}" not in seen  # a later batch, read after the deletes
+
+
+def test_pop_setdefault_popitem(safe: Safe) -> None:
+    assert safe.setdefault("a", [1]) == [1]
+    assert safe.setdefault("a", [2]) == [1]
+    assert safe.pop("a") == [1]
+    assert safe.pop("a", "dflt") == "dflt"
+    with pytest.raises(KeyError):
+        safe.pop("a")
+    safe["x"], safe["y"] = 1, 2
+    assert safe.popitem() == ("x", 1)
+    assert safe.popitem() == ("y", 2)
+    with pytest.raises(KeyError):
+        safe.popitem()
+    assert safe.setdefault("n") is None
+    assert "n" in safe
+
+
+def test_modify_returns_new_value_and_uses_default(safe: Safe) -> None:
+    assert safe.modify("n", lambda n: n + 1, 0) == 1
+    assert safe.modify("n", lambda n: n + 1, 0) == 2
+    assert safe.modify("l", lambda v: [*v, "x"], []) == ["x"]
+    assert safe["n"] == 2
+
+
+def test_modify_that_raises_stores_nothing(safe: Safe) -> None:
+    safe["n"] = 5
+
+    def boom(_: object) -> object:
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError, match="no"):
+        safe.modify("n", boom, 0)
+    assert safe["n"] == 5
+
+
+def test_unpicklable_value_raises_pickling_error_and_keeps_old(safe: Safe) -> None:
+    safe["k"] = "old"
+    with pytest.raises((pickle.PicklingError, TypeError, AttributeError)):
+        safe["k"] = threading.Lock()
+    with pytest.raises((pickle.PicklingError, TypeError, AttributeError)):
+        safe["k"] = lambda: 1
+    assert safe["k"] == "old"
+    with pytest.raises((pickle.PicklingError, TypeError, AttributeError)):
+        safe.update({"a": 1, "k": threading.Lock()})
+    assert "a" not in safe
+    assert safe["k"] == "old"
+
+
+def test_oversize_value_raises_value_error_naming_the_limit(tmp_path: Path) -> None:
+    with Safe.open(tmp_path / "s", max_value_size=1000) as s:
+        s["k"] = "old"
+        with pytest.raises(ValueError, match="max_value_size 1000") as info:
+            s["k"] = "x" * 2000
+        assert str(tmp_path / "s") in str(info.value)
+        assert s["k"] == "old"
+        s["k"] = "y" * 900
+        assert s["k"] == "y" * 900
+
+
+def test_large_value_round_trips(safe: Safe) -> None:
+    big = b"\xab" * (8 << 20)
+    safe["big"] = big
+    assert safe["big"] == big
+
+
+def test_update_forms_and_clear_over_many_batches(safe: Safe) -> None:
+    safe.update([("a", 1)], b=2)
+    safe.update({"c": 3})
+    assert dict(safe) == {"a": 1, "b": 2, "c": 3}
+    safe.update({f"k{i}": i for i in range(5000)})  # one transaction
+    assert len(safe) == 5003
+    safe.clear()
+    assert len(safe) == 0
+    assert list(safe) == []
+
+
+def test_closed_safe_raises_safe_closed_error_naming_the_path(tmp_path: Path) -> None:
+    s = Safe.open(tmp_path / "s")
+    s["k"] = 1
+    s.close()
+    s.close()  # idempotent
+    with pytest.raises(SafeClosedError, match=str(tmp_path / "s")):
+        s["k"]
+    with pytest.raises(SafeClosedError):
+        s["k"] = 2
+    with pytest.raises(SafeClosedError):
+        list(s)
+
+
+def test_same_path_twice_in_a_process_shares_one_environment(tmp_path: Path) -> None:
+    a = Safe.open(tmp_path / "s")
+    b = Safe.open(tmp_path / "s")
+    a["k"] = 1
+    assert b["k"] == 1
+    a.close()
+    b["k"] = 2  # still open through b
+    assert b["k"] == 2
+    b.close()
+    with Safe.open(tmp_path / "s") as c:
+        assert c["k"] == 2
+
+
+def test_not_durable_safe_reads_back(tmp_path: Path) -> None:
+    with Safe.open(tmp_path / "s", durable=False) as s:
+        for i in range(100):
+            s[str(i)] = i
+    with Safe.open(tmp_path / "s") as s:
+        assert len(s) == 100
+
+
+def test_create_false_refuses_a_missing_safe(tmp_path: Path) -> None:
+    with pytest.raises(SafeError, match="no such safe"):
+        Safe.open(tmp_path / "missing", create=False)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_path_that_is_a_file_is_refused_naming_it(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("hello")
+    with pytest.raises(SafeError, match="not a directory") as info:
+        Safe.open(f)
+    assert str(f) in str(info.value)
+    assert f.read_text() == "hello"
+
+
+def test_threads_share_one_safe(safe: Safe) -> None:
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(200):
+                safe[f"{t}.{i}"] = i
+                assert safe[f"{t}.{i}"] == i
+                safe.modify("total", lambda n: n + 1, 0)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "deadlocked"
+    assert errors == []
+    assert safe["total"] == 1600
+    assert len(safe) == 1601
+
+
+def test_log_files_are_removed_while_open_and_after_close(tmp_path: Path) -> None:
+    """A long overwrite run does not keep its history: old log files go while the safe is open.
+
+    Berkeley DB keeps the log back to the start of the last checkpoint, so what stays at once
+    follows the write rate times a checkpoint's duration (tests/stress measures it over time).
+    """
+    path = tmp_path / "s"
+    with Safe.open(path, durable=False, checkpoint_interval=0.5) as s:
+        value = b"v" * (4 << 10)
+        removed_while_open = False
+        for i in range(60_000):
+            s[f"k{i % 1000}"] = value
+            if i % 1000 == 0 and not (path / "log.0000000001").exists():
+                removed_while_open = True
+        written = max(int(p.name[4:]) for p in path.glob("log.*"))
+    assert written >= 20, f"only {written} log files written: the test wrote too little"
+    assert removed_while_open
+    assert len(list(path.glob("log.*"))) <= 2
+    total = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    assert total < 80 << 20, f"{total >> 20} MiB on disk for 1,000 4 KiB values"
+
+
+def test_checkpoint_and_stats(safe: Safe) -> None:
+    safe["a"] = 1
+    safe.get("a")
+    safe.checkpoint()
+    stats = safe.stats()
+    assert stats["ops"] == {"set": 1, "get": 1, "checkpoint": 1}  # type: ignore[comparison-overlap]
+    assert "p99_ms" in stats["latency"]["set"]  # type: ignore[index]
+    assert stats["retries"] == 0
