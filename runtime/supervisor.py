@@ -1,0 +1,626 @@
+"""The supervisor: one foreground process that owns a node's workers.
+
+The flow, one way only (nothing downstream reaches back up):
+
+    CLI (`pmnc-runtime start CONFIG`) -> validated NodeConfig
+    -> supervisor: for every cage and module, `pmnc.safe.prepare()` creates or recovers the
+       module's environment *in this one process* (the region creator: cache size, deadlock
+       detector), leaving no handle open; bind each cage's listening socket once
+    -> fork `workers` children per cage (multiprocess's fork context, never the platform
+       default), each a direct child accepting on its cage's socket
+    -> worker: opens its own Safe handles after fork, loads the modules with `pmnc_safe` bound
+       -> `threads` HTTP threads -> Safe -> Berkeley DB.
+
+The main loop is single-threaded (it forks: never fork a threaded process). Signal handlers only
+enqueue (SimpleQueue.put_nowait is reentrant) and `signal.set_wakeup_fd` wakes the loop's
+poll(); the loop dispatches each signal through an explicit table. Children are reaped in a
+`waitpid(-1, WNOHANG)` loop (gunicorn moved reaping out of its SIGCHLD handler: logging there
+can deadlock).
+
+Why a crash restarts the whole cage: a process that dies inside a Berkeley DB call leaves page
+locks held, and the other workers of its environments block on them forever (berkeleydb.md Q4:
+a lock timeout does not free them). Every worker opens every module safe of its cage, so on any
+unclean exit (a signal, kill -9, a non-zero status, EXIT_NEEDS_RECOVERY) the supervisor
+SIGKILLs the rest of the cage at once, reaps them, recovers each of the cage's safes with
+`prepare()` (0.02-0.1 s), and forks fresh workers. Recovery must come *before* any new worker
+joins: with DB_REGISTER a joiner that meets a dead registrant panics everyone (Q1). A clean exit
+(status 0: every safe closed) needs none of this.
+
+Restarts back off exponentially while a cage keeps dying; a worker that cannot boot (a module
+fails to import) stops the node instead of crash-looping; a worker whose heartbeats stop for
+`heartbeat_timeout` is SIGKILLed and handled as a crash. SIGTERM/SIGINT stop gracefully
+(escalating to SIGKILL at the deadline), a second SIGINT at once; SIGHUP reloads the config and
+the modules by starting a new generation of workers on the same sockets and retiring the old
+one only when the new one serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from queue import SimpleQueue
+from typing import Any
+
+import multiprocess
+import multiprocess.process
+from pmnc.safe import SafeError, prepare
+
+from . import logs, worker
+from .config import CageConfig, ConfigError, HttpAddress, NodeConfig, load_config
+from .logs import logger
+
+__all__ = ["EXIT_FAILED", "Supervisor", "bind"]
+
+EXIT_FAILED = 3  # an operational failure: a worker cannot boot, a safe cannot be prepared
+EXIT_INTERRUPTED = 130  # a second SIGINT: stopped at once
+CLOSE_GRACE = 5.0  # beyond graceful_timeout, for a worker to close its safes
+STABLE_AFTER = 5.0  # a cage up this long has stopped "dying": its backoff starts over
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 30.0
+TICK = 0.5  # longest sleep of the loop, for deadlines nothing else wakes it for
+
+
+def bind(address: HttpAddress) -> socket.socket:
+    """The cage's listening socket, bound once; every worker of the cage accepts on it."""
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(1024)
+        # Shared by many processes: each waits in poll() and a lost race raises BlockingIOError
+        # instead of blocking in accept() while another worker took the connection.
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass(eq=False)
+class _Cage:
+    """One cage of one generation of the config, and the state of its restarts."""
+
+    config: CageConfig
+    modules: tuple[str, ...]
+    safe_dirs: tuple[Path, ...]
+    listener: socket.socket | None
+    failures: int = 0  # crashes in a row, for the backoff
+    restart_at: float | None = None  # when to fork the missing workers
+    down_since: float | None = None  # the crash the cage is recovering from
+    up_since: float | None = None  # since when every worker is ready
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass(eq=False)
+class _Worker:
+    pid: int
+    cage: _Cage
+    process: Any  # multiprocess.Process, kept for its descriptors' lifetime
+    report_fd: int
+    last_beat: float
+    ready: bool = False
+    stop_deadline: float | None = None  # SIGTERM sent: must be gone by then
+    kill_reason: str | None = None  # why the supervisor SIGKILLed it
+    inbox: bytes = b""
+    boot_error: str | None = None
+
+
+@dataclass
+class _Reload:
+    config: NodeConfig
+    cages: dict[str, _Cage]
+    new_listeners: list[socket.socket] = field(default_factory=list)
+
+
+def _describe_exit(code: int, kill_reason: str | None) -> str:
+    """Why a worker ended, for the log."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        if kill_reason:
+            return f"killed by {name} ({kill_reason})"
+        hint = ": out of memory?" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    if code == 0:
+        return "exited cleanly"
+    if code == worker.EXIT_BOOT_FAILED:
+        return "could not boot"
+    if code == worker.EXIT_NEEDS_RECOVERY:
+        return "exited leaving a safe to recover"
+    return f"exited with status {code}"
+
+
+class Supervisor:
+    """Runs a node until it is stopped; `run()` returns the process's exit status."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self._ctx = multiprocess.get_context("fork")
+        self._cages: dict[str, _Cage] = {}
+        self._workers: dict[int, _Worker] = {}
+        self._signals: SimpleQueue[int] = SimpleQueue()
+        self._sig_r, self._sig_w = -1, -1
+        self._stopping = False
+        self._exit_code = 0
+        self._announced = False
+        self._reload: _Reload | None = None
+        self._dispatch: dict[int, Callable[[], None]] = {
+            signal.SIGTERM: self._on_sigterm,
+            signal.SIGINT: self._on_sigint,
+            signal.SIGHUP: self._on_sighup,
+            signal.SIGCHLD: self._reap,
+        }
+
+    # -- start and main loop --------------------------------------------------------------------
+
+    def run(self) -> int:
+        logs.configure(self.config.node)
+        logger.info("starting node %s from %s", self.config.node, self.config.file)
+        try:
+            self._cages = self._prepare_cages(self.config, {})
+        except (SafeError, OSError) as e:
+            logger.error("cannot start: %s", e)
+            return EXIT_FAILED
+        self._install_signals()
+        try:
+            for cage in self._cages.values():
+                self._fill(cage)
+            while self._workers or not self._stopping:
+                self._tick()
+        finally:
+            self._kill_all("supervisor exiting")
+            for cage in self._cages.values():
+                if cage.listener is not None:
+                    cage.listener.close()
+        logger.info("stopped (exit status %d)", self._exit_code)
+        return self._exit_code
+
+    def _prepare_cages(self, config: NodeConfig, current: dict[str, _Cage]) -> dict[str, _Cage]:
+        """Prepare every safe and bind every new listening socket of `config`.
+
+        Listening sockets of `current` cages with an unchanged address are reused, so a reload
+        never closes a socket clients are connecting to. Raises SafeError or OSError, having
+        closed whatever it bound.
+        """
+        cages: dict[str, _Cage] = {}
+        bound: list[socket.socket] = []
+        try:
+            for cage_cfg in config.cages:
+                modules = tuple(config.module_names(cage_cfg))
+                dirs = tuple(config.safe_dir(cage_cfg.name, m) for m in modules)
+                spent = sum(prepare(d) for d in dirs)
+                old = current.get(cage_cfg.name)
+                listener = None
+                if old is not None and old.config.http == cage_cfg.http:
+                    listener = old.listener
+                elif cage_cfg.http is not None:
+                    listener = bind(cage_cfg.http)
+                    bound.append(listener)
+                cages[cage_cfg.name] = _Cage(cage_cfg, modules, dirs, listener)
+                logger.info(
+                    "cage %s: %d module(s) %s, safes ready in %.3f s",
+                    cage_cfg.name,
+                    len(modules),
+                    ", ".join(modules) or "-",
+                    spent,
+                )
+        except BaseException:
+            for sock in bound:
+                sock.close()
+            raise
+        return cages
+
+    def _install_signals(self) -> None:
+        self._sig_r, self._sig_w = os.pipe()
+        os.set_blocking(self._sig_r, False)
+        os.set_blocking(self._sig_w, False)
+        signal.set_wakeup_fd(self._sig_w)
+        for signum in self._dispatch:
+            signal.signal(signum, self._enqueue)
+
+    def _enqueue(self, signum: int, _frame: object) -> None:
+        """The only work done in a signal handler: everything else happens in the loop."""
+        self._signals.put_nowait(signum)
+
+    def _tick(self) -> None:
+        poller = select.poll()
+        poller.register(self._sig_r, select.POLLIN)
+        by_fd = {w.report_fd: w for w in self._workers.values()}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        for fd, _ in poller.poll(self._timeout() * 1000):
+            if fd == self._sig_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._sig_r, 4096)
+            elif fd in by_fd:
+                self._read_reports(by_fd[fd])
+        while not self._signals.empty():
+            self._dispatch[self._signals.get_nowait()]()
+        self._reap()
+        now = time.monotonic()
+        self._check_liveness(now)
+        self._start_due(now)
+        self._check_ready(now)
+
+    def _timeout(self) -> float:
+        """Sleep until the next deadline the loop must act on, TICK at most."""
+        now = time.monotonic()
+        due = [c.restart_at for c in self._cages.values() if c.restart_at is not None]
+        due += [w.stop_deadline for w in self._workers.values() if w.stop_deadline is not None]
+        return max(0.0, min([TICK, *(d - now for d in due)]))
+
+    # -- messages from workers ----------------------------------------------------------------
+
+    def _read_reports(self, w: _Worker) -> None:
+        try:
+            data = os.read(w.report_fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            return  # the worker closed its end: it is exiting; reaping will tell why
+        w.inbox += data
+        *lines, w.inbox = w.inbox.split(b"\n")
+        for line in lines:
+            w.last_beat = time.monotonic()
+            if line == b"ready":
+                w.ready = True
+            elif line.startswith(b"boot-error "):
+                w.boot_error = line[len(b"boot-error ") :].decode(errors="replace")
+
+    # -- reaping and crashes ------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return  # ECHILD: no child left
+            if pid == 0:
+                return
+            self._on_exit(pid, os.waitstatus_to_exitcode(status))
+
+    def _forget(self, w: _Worker) -> None:
+        self._workers.pop(w.pid, None)
+        with contextlib.suppress(OSError):
+            while True:  # the last lines it wrote, e.g. its boot error
+                data = os.read(w.report_fd, 65536)
+                if not data:
+                    break
+                w.inbox += data
+        for line in w.inbox.split(b"\n"):
+            if line.startswith(b"boot-error "):
+                w.boot_error = line[len(b"boot-error ") :].decode(errors="replace")
+        os.close(w.report_fd)
+
+    def _on_exit(self, pid: int, code: int) -> None:
+        w = self._workers.get(pid)
+        if w is None:
+            return  # not ours (already handled during a cage restart)
+        self._forget(w)
+        cage = w.cage
+        why = _describe_exit(code, w.kill_reason)
+        if code == 0:
+            if w.stop_deadline is not None:
+                logger.info("cage %s: worker %d stopped", cage.name, pid)
+            else:
+                logger.warning("cage %s: worker %d exited unasked: replacing it", cage.name, pid)
+                self._schedule(cage, 0.0)
+            return
+        if code == worker.EXIT_BOOT_FAILED:
+            self._on_boot_failure(w)
+            return
+        self._crash(cage, f"worker {pid} {why}")
+
+    def _on_boot_failure(self, w: _Worker) -> None:
+        reason = w.boot_error or "see the worker's log above"
+        if self._reload is not None and w.cage in self._reload.cages.values():
+            logger.error(
+                "reload refused: cage %s: worker %d could not boot: %s", w.cage.name, w.pid, reason
+            )
+            self._abort_reload()
+            return
+        logger.error(
+            "cage %s: worker %d could not boot: %s: stopping the node (fix it and start again)",
+            w.cage.name,
+            w.pid,
+            reason,
+        )
+        self._begin_stop(EXIT_FAILED)
+
+    def _crash(self, cage: _Cage, what: str) -> None:
+        """A worker of `cage` left locks behind: kill the rest of the cage, recover, restart."""
+        started = time.monotonic()
+        victims = [w for w in self._workers.values() if w.cage.name == cage.name]
+        for v in victims:
+            v.kill_reason = f"restarting cage {cage.name}"
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(v.pid, signal.SIGKILL)
+        for v in victims:
+            # SIGKILL cannot be caught, so this wait is short; other children stay queued.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(v.pid, 0)
+            self._forget(v)
+        dirs = set(cage.safe_dirs) | {
+            d for c in self._generations() if c.name == cage.name for d in c.safe_dirs
+        }
+        try:
+            spent = sum(prepare(d) for d in sorted(dirs))
+        except SafeError as e:
+            logger.error("cage %s: %s; recovery failed: %s: stopping the node", cage.name, what, e)
+            self._begin_stop(EXIT_FAILED)
+            return
+        logger.warning(
+            "cage %s: %s: killed %d other worker(s), recovered %d safe(s) in %.3f s",
+            cage.name,
+            what,
+            len(victims),
+            len(dirs),
+            spent,
+        )
+        if self._reload is not None and cage.name in self._reload.cages:
+            logger.error("reload abandoned: cage %s crashed meanwhile", cage.name)
+            self._abort_reload()
+        current = self._cages.get(cage.name)
+        if self._stopping or current is None:
+            return
+        now = time.monotonic()
+        stable = current.up_since is not None and now - current.up_since >= STABLE_AFTER
+        current.failures = 1 if stable else current.failures + 1
+        current.up_since = None
+        if current.down_since is None:
+            current.down_since = started
+        delay = 0.0
+        if current.failures > 1:
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (current.failures - 2))
+            logger.warning(
+                "cage %s keeps dying (%d crashes in a row): next start in %.1f s",
+                cage.name,
+                current.failures,
+                delay,
+            )
+        self._schedule(current, delay)
+
+    def _generations(self) -> Iterable[_Cage]:
+        yield from self._cages.values()
+        if self._reload is not None:
+            yield from self._reload.cages.values()
+
+    # -- starting workers ---------------------------------------------------------------------
+
+    def _schedule(self, cage: _Cage, delay: float) -> None:
+        at = time.monotonic() + delay
+        cage.restart_at = at if cage.restart_at is None else min(cage.restart_at, at)
+
+    def _start_due(self, now: float) -> None:
+        if self._stopping:
+            return
+        for cage in self._cages.values():
+            if cage.restart_at is not None and cage.restart_at <= now:
+                cage.restart_at = None
+                self._fill(cage)
+
+    def _fill(self, cage: _Cage) -> None:
+        """Fork workers until `cage` has as many running (not stopping) as configured."""
+        running = sum(
+            1 for w in self._workers.values() if w.cage is cage and w.stop_deadline is None
+        )
+        for _ in range(cage.config.workers - running):
+            self._spawn(cage)
+
+    def _spawn(self, cage: _Cage) -> None:
+        config = self._reload.config if self._reload and cage in self._reload.cages.values() else (
+            self.config
+        )  # fmt: skip
+        report_r, report_w = os.pipe()
+        os.set_blocking(report_r, False)
+        listeners = {c.listener for c in self._generations() if c.listener is not None}
+        inherited = [self._sig_r, self._sig_w, report_r]
+        inherited += [w.report_fd for w in self._workers.values()]
+        inherited += [s.fileno() for s in listeners if s is not cage.listener]
+        spec = worker.WorkerSpec(
+            config=config,
+            cage=cage.config,
+            modules=cage.modules,
+            listener=cage.listener,
+            report_fd=report_w,
+            inherited_fds=tuple(inherited),
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        process = self._ctx.Process(
+            target=worker.run, args=(spec,), name=f"pmnc-{cage.name}", daemon=False
+        )
+        try:
+            process.start()
+        finally:
+            os.close(report_w)
+        # The supervisor reaps with waitpid(-1): multiprocess must not poll (and so reap) this
+        # child behind its back, which it does for every known child on each start().
+        multiprocess.process._children.discard(process)
+        self._workers[process.pid] = _Worker(process.pid, cage, process, report_r, time.monotonic())
+
+    # -- liveness and readiness ---------------------------------------------------------------
+
+    def _check_liveness(self, now: float) -> None:
+        timeout = self.config.heartbeat_timeout
+        for w in list(self._workers.values()):
+            if w.kill_reason is not None:
+                continue
+            if w.stop_deadline is not None:
+                if now > w.stop_deadline:
+                    self._kill(w, "still running at the stop deadline")
+            elif now - w.last_beat > timeout:
+                state = "serving" if w.ready else "booting"
+                self._kill(w, f"{state} but silent for {now - w.last_beat:.1f} s: hung")
+
+    def _kill(self, w: _Worker, reason: str) -> None:
+        logger.error("cage %s: worker %d %s: killing it", w.cage.name, w.pid, reason)
+        w.kill_reason = reason
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w.pid, signal.SIGKILL)
+
+    def _check_ready(self, now: float) -> None:
+        for cage in self._cages.values():
+            ready = [
+                w
+                for w in self._workers.values()
+                if w.cage is cage and w.ready and w.stop_deadline is None
+            ]
+            if len(ready) >= cage.config.workers and cage.up_since is None:
+                cage.up_since = now
+                if cage.down_since is not None:
+                    logger.warning(
+                        "cage %s: serving again, %.3f s after the crash",
+                        cage.name,
+                        now - cage.down_since,
+                    )
+                    cage.down_since = None
+        if not self._announced and all(c.up_since is not None for c in self._cages.values()):
+            self._announced = True
+            logger.info("ready: %s", self._describe_cages(self._cages.values()))
+        reload = self._reload
+        if reload is not None and all(
+            sum(1 for w in self._workers.values() if w.cage is c and w.ready) >= c.config.workers
+            for c in reload.cages.values()
+        ):
+            self._commit_reload(reload)
+
+    @staticmethod
+    def _describe_cages(cages: Iterable[_Cage]) -> str:
+        parts = []
+        for c in cages:
+            where = f"http://{c.config.http}" if c.config.http else "no http"
+            parts.append(
+                f"cage {c.name} on {where} ({c.config.workers} worker(s) x "
+                f"{c.config.threads} thread(s))"
+            )
+        return "; ".join(parts)
+
+    # -- reload -------------------------------------------------------------------------------
+
+    def _on_sighup(self) -> None:
+        if self._stopping:
+            return
+        if self._reload is not None:
+            logger.warning("SIGHUP: a reload is already in progress")
+            return
+        logger.info("SIGHUP: reloading %s", self.config.file)
+        try:
+            config = load_config(self.config.file)
+        except ConfigError as e:
+            for line in e.errors:
+                logger.error("%s", line)
+            logger.error("reload refused: the config does not validate; still running the old one")
+            return
+        try:
+            cages = self._prepare_cages(config, self._cages)
+        except (SafeError, OSError) as e:
+            logger.error("reload refused: %s; still running the old config", e)
+            return
+        current = {c.listener for c in self._cages.values()}
+        new = [c.listener for c in cages.values() if c.listener and c.listener not in current]
+        self._reload = _Reload(config, cages, new)
+        for cage in cages.values():
+            self._fill(cage)
+
+    def _commit_reload(self, reload: _Reload) -> None:
+        """The new generation serves: retire the old one (a graceful, clean stop)."""
+        self._reload = None
+        old = self._cages
+        for w in list(self._workers.values()):
+            if w.cage in old.values():
+                self._retire(w)
+        kept = {c.listener for c in reload.cages.values()}
+        for cage in old.values():
+            if cage.listener is not None and cage.listener not in kept:
+                cage.listener.close()
+        for cage in reload.cages.values():
+            cage.up_since = time.monotonic()
+        self.config = reload.config
+        self._cages = reload.cages
+        logger.info("reloaded: %s", self._describe_cages(self._cages.values()))
+
+    def _abort_reload(self) -> None:
+        reload, self._reload = self._reload, None
+        if reload is None:
+            return
+        for w in list(self._workers.values()):
+            if w.cage in reload.cages.values():
+                self._retire(w)
+        for sock in reload.new_listeners:
+            sock.close()
+
+    # -- stopping -----------------------------------------------------------------------------
+
+    def _retire(self, w: _Worker) -> None:
+        """Ask a worker to stop gracefully; it is killed if still there at the deadline."""
+        if w.stop_deadline is not None or w.kill_reason is not None:
+            return
+        w.stop_deadline = time.monotonic() + self.config.graceful_timeout + CLOSE_GRACE
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w.pid, signal.SIGTERM)
+
+    def _begin_stop(self, code: int) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self._exit_code = code
+        self._abort_reload()
+        for cage in self._cages.values():
+            cage.restart_at = None
+        for w in list(self._workers.values()):
+            self._retire(w)
+
+    def _on_sigterm(self) -> None:
+        if not self._stopping:
+            logger.info("SIGTERM: stopping gracefully (at most %g s)", self.config.graceful_timeout)
+        self._begin_stop(self._exit_code)
+
+    def _on_sigint(self) -> None:
+        if not self._stopping:
+            logger.info(
+                "SIGINT: stopping gracefully (at most %g s; SIGINT again to stop at once)",
+                self.config.graceful_timeout,
+            )
+            self._begin_stop(self._exit_code)
+            return
+        logger.warning("SIGINT again: stopping at once")
+        self._exit_code = EXIT_INTERRUPTED
+        self._kill_all("stopping at once")
+
+    def _kill_all(self, reason: str) -> None:
+        """SIGKILL every worker, reap them and recover their safes (they closed nothing)."""
+        if not self._workers:
+            return
+        victims = list(self._workers.values())
+        for v in victims:
+            v.kill_reason = reason
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(v.pid, signal.SIGKILL)
+        dirs: set[Path] = set()
+        for v in victims:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(v.pid, 0)
+            self._forget(v)
+            dirs.update(v.cage.safe_dirs)
+        for d in sorted(dirs):
+            try:
+                prepare(d)
+            except SafeError as e:
+                logger.error("recovering %s: %s", d, e)
+        logger.warning("killed %d worker(s), recovered %d safe(s)", len(victims), len(dirs))

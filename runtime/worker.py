@@ -1,0 +1,184 @@
+"""A worker process: what runs in each child the supervisor forks for a cage.
+
+    reset signals -> open one Safe per module (recover=False: the supervisor recovers)
+    -> load each module with `pmnc_safe` bound to its own safe -> `threads` HTTP threads
+    -> report "ready" -> heartbeat until SIGTERM or the supervisor is gone
+    -> stop accepting, finish requests in flight within graceful_timeout, close every safe, exit 0
+
+Exit codes tell the supervisor what to do: 0 a clean exit (every safe closed); EXIT_BOOT_FAILED
+a module or safe that cannot be loaded (the safes are closed; restarting would only fail again);
+EXIT_NEEDS_RECOVERY a worker that left without closing its safes (a safe panicked, or requests
+were still running at the deadline): like a crash, its cage must be recovered.
+
+The worker talks to the supervisor over one pipe, one line per message: `ready`, `beat`, and
+`boot-error <why>` before an EXIT_BOOT_FAILED exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from queue import SimpleQueue
+
+from pmnc.safe import Safe, SafeError, SafeNeedsRecoveryError
+
+from . import logs
+from .config import CageConfig, NodeConfig
+from .http import Application, Server
+from .logs import logger
+from .modules import AppModule, ModuleLoadError, load_module
+
+__all__ = ["EXIT_BOOT_FAILED", "EXIT_NEEDS_RECOVERY", "WorkerSpec", "run"]
+
+EXIT_BOOT_FAILED = 78  # EX_CONFIG
+EXIT_NEEDS_RECOVERY = 75  # EX_TEMPFAIL
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, built by the supervisor before fork (no handles in it)."""
+
+    config: NodeConfig
+    cage: CageConfig
+    modules: tuple[str, ...]  # exactly the modules whose safes the supervisor prepared
+    listener: socket.socket | None
+    report_fd: int  # write end of this worker's pipe to the supervisor
+    inherited_fds: tuple[int, ...]  # the supervisor's descriptors this worker must not keep
+
+
+def beat_interval(heartbeat_timeout: float) -> float:
+    """How often a worker proves it is alive: several beats fit in one timeout."""
+    return min(1.0, max(0.05, heartbeat_timeout / 5))
+
+
+def run(spec: WorkerSpec) -> None:
+    """The child's entry point: never returns into the parent's frames (popen_fork's rule)."""
+    code = EXIT_NEEDS_RECOVERY  # whatever escapes below left the safes in an unknown state
+    try:
+        code = _Worker(spec).run()
+    except BaseException:  # noqa: BLE001 - logged, then the unclean exit code below
+        with contextlib.suppress(BaseException):
+            logger.exception("worker failed")
+    finally:
+        # Never run interpreter shutdown here: its GC would close handles inherited from the
+        # supervisor, which panics Berkeley DB environments (berkeleydb.md, Q1 B gc).
+        os._exit(code)
+
+
+class _Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.cfg = spec.config
+        self.ppid = os.getppid()
+        self.signals: SimpleQueue[int] = SimpleQueue()
+        self.safes: list[Safe] = []
+
+    def run(self) -> int:
+        self._reset_process_state()
+        logs.configure(f"{self.cfg.node}/{self.spec.cage.name}")
+        try:
+            modules = self._boot()
+        except SafeNeedsRecoveryError as e:
+            logger.error("cannot open a safe: %s", e)
+            return EXIT_NEEDS_RECOVERY  # without closing anything: the supervisor recovers
+        except (ModuleLoadError, SafeError, OSError) as e:
+            logger.error("cannot boot: %s", e, exc_info=isinstance(e, ModuleLoadError))
+            self._report(f"boot-error {e}".replace("\n", " "))
+            return EXIT_BOOT_FAILED if self._close_safes() else EXIT_NEEDS_RECOVERY
+        server = None
+        if self.spec.listener is not None:
+            server = Server(
+                self.spec.listener,
+                Application(modules),
+                threads=self.spec.cage.threads,
+                max_body=self.cfg.max_body,
+                on_fatal=lambda: os._exit(EXIT_NEEDS_RECOVERY),
+            )
+            server.start()
+        self._report("ready")
+        self._serve_until_stopped()
+        if server is not None:
+            server.stop()
+            busy = server.join(time.monotonic() + self.cfg.graceful_timeout)
+            if busy:
+                logger.error(
+                    "%d request(s) still running after %g s: leaving without closing the safes",
+                    busy,
+                    self.cfg.graceful_timeout,
+                )
+                return EXIT_NEEDS_RECOVERY
+        return 0 if self._close_safes() else EXIT_NEEDS_RECOVERY
+
+    def _reset_process_state(self) -> None:
+        """Undo what fork copied from the supervisor: its signal set-up and descriptors."""
+        signal.set_wakeup_fd(-1)
+        for fd in self.spec.inherited_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        os.set_blocking(self.spec.report_fd, False)  # a beat is dropped rather than block
+        # Ctrl-C and a terminal hang-up reach the whole process group: the supervisor decides.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, lambda signum, _frame: self.signals.put_nowait(signum))
+
+    def _boot(self) -> dict[str, AppModule]:
+        modules: dict[str, AppModule] = {}
+        for name in self.spec.modules:
+            self.safes.append(
+                Safe.open(
+                    self.cfg.safe_dir(self.spec.cage.name, name),
+                    durable=self.cfg.durable,
+                    checkpoint_interval=self.cfg.checkpoint_interval,
+                    recover=False,
+                    create=False,
+                )
+            )
+        for name, safe in zip(self.spec.modules, self.safes, strict=True):
+            path = Path(self.spec.cage.modules) / f"{name}.py"
+            modules[name] = load_module(self.spec.cage.name, name, path, safe)
+        return modules
+
+    def _serve_until_stopped(self) -> None:
+        """Main thread: heartbeat, and watch for SIGTERM or the supervisor's disappearance."""
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)  # a signal wakes the select() below at once
+        interval = beat_interval(self.cfg.heartbeat_timeout)
+        while True:
+            select.select([wake_r], [], [], interval)
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_r, 512)
+            if not self.signals.empty():
+                logger.info("stopping: finishing requests in flight")
+                return
+            if os.getppid() != self.ppid or not self._report("beat"):
+                logger.warning("the supervisor is gone: stopping")
+                return
+
+    def _report(self, message: str) -> bool:
+        """Send one line to the supervisor; False if it is gone."""
+        try:
+            os.write(self.spec.report_fd, message.encode()[:4000] + b"\n")
+        except BlockingIOError:
+            return True  # the supervisor is behind; a missed beat is fine
+        except OSError:
+            return False
+        return True
+
+    def _close_safes(self) -> bool:
+        """Close every safe; False if one failed (the supervisor must then recover)."""
+        ok = True
+        for safe in self.safes:
+            try:
+                safe.close()
+            except SafeError as e:
+                logger.error("closing %s: %s", safe.path, e)
+                ok = False
+        return ok

@@ -1,0 +1,28 @@
+"""Shared fixtures: `node_factory` starts real nodes and always tears them down."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import Node, free_port, write_config
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """make(modules_dir, **config options) -> a Node (not started) on a free port."""
+    nodes: list[Node] = []
+
+    def make(modules: Path, **options: Any) -> Node:
+        port = free_port()
+        index = len(nodes)
+        config = write_config(tmp_path / f"node{index}.yaml", modules, port, **options)
+        node = Node(config, port, tmp_path / f"node{index}.log")
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.kill_group()
