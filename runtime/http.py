@@ -10,8 +10,9 @@ HTTP/1.1 with keep-alive over raw sockets, on purpose small: a worker runs exact
 threads, each looping accept -> serve that connection until it closes. No thread per connection
 (a burst of clients cannot multiply threads), no event loop. Every thread waits in `poll()` on
 its socket *and* a wake-up pipe, so a graceful stop reaches idle threads at once: a thread
-waiting for a connection or for the next request on a keep-alive connection leaves, a thread in
-the middle of a request finishes it and answers with `Connection: close`.
+waiting for a connection leaves, a thread in the middle of a request finishes it and answers
+with `Connection: close`, and an idle keep-alive connection gets STOP_GRACE to bring one last
+request before it is closed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = ["Application", "Response", "Server"]
 KEEPALIVE_TIMEOUT = 5.0  # an idle keep-alive connection holds a thread: bound it
 REQUEST_TIMEOUT = 30.0  # from a request's first byte to its last
 SEND_TIMEOUT = 30.0  # a client that stops reading its answer
+STOP_GRACE = 0.5  # once stopping, how long an idle connection may still bring a request
 MAX_HEAD = 64 << 10
 _DRAIN_LIMIT = 2.0  # seconds spent reading an unwanted body after a 413, so the client sees it
 
@@ -200,34 +202,38 @@ class Server:
 
     # -- one connection ----------------------------------------------------------------------
 
-    def _serve(self, conn: socket.socket) -> None:  # noqa: PLR0911
+    def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(SEND_TIMEOUT)  # bounds sendall; reads wait in poll() below
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         poller = select.poll()
         poller.register(conn, select.POLLIN)
-        watching_stop = True
-        if not self._stop.is_set():
+        watching_stop = not self._stop.is_set()
+        if watching_stop:
             poller.register(self._wake_r, select.POLLIN)
-        else:
-            watching_stop = False
         buf = bytearray()
 
         def wait(deadline: float, idle: bool) -> bool:
-            """Wait for data until `deadline`; False on timeout, or on a stop while `idle`."""
+            """Wait for data until `deadline`; False on timeout.
+
+            Once stopping, an idle connection waits only STOP_GRACE more: a busy keep-alive
+            client gets one last answer (with `Connection: close`) instead of a connection
+            closed under the request it is sending, a race that no server can otherwise avoid.
+            """
             nonlocal watching_stop
+            if idle and self._stop.is_set():
+                deadline = min(deadline, time.monotonic() + STOP_GRACE)
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 events = poller.poll(remaining * 1000)
-                data = any(fd != self._wake_r for fd, _ in events)
-                if watching_stop and any(fd == self._wake_r for fd, _ in events):
+                if any(fd != self._wake_r for fd, _ in events):
+                    return True
+                if watching_stop and events:
                     poller.unregister(self._wake_r)
                     watching_stop = False
-                    if idle and not data:
-                        return False
-                if data:
-                    return True
+                    if idle:
+                        deadline = min(deadline, time.monotonic() + STOP_GRACE)
 
         def read_more(deadline: float, idle: bool = False) -> bool:
             if not wait(deadline, idle):
@@ -239,9 +245,7 @@ class Server:
             return True
 
         while True:
-            # Idle between requests: close at once on stop, or after the keep-alive timeout.
-            if not buf and self._stop.is_set():
-                return
+            # Idle between requests: close after the keep-alive timeout (or STOP_GRACE).
             if not buf and not read_more(time.monotonic() + KEEPALIVE_TIMEOUT, idle=True):
                 return
             try:

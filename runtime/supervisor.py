@@ -329,6 +329,10 @@ class Supervisor:
 
     def _on_boot_failure(self, w: _Worker) -> None:
         reason = w.boot_error or "see the worker's log above"
+        if self._cages.get(w.cage.name) is not w.cage and (
+            self._reload is None or w.cage not in self._reload.cages.values()
+        ):
+            return  # a generation already given up (a refused reload): nothing more to do
         if self._reload is not None and w.cage in self._reload.cages.values():
             logger.error(
                 "reload refused: cage %s: worker %d could not boot: %s", w.cage.name, w.pid, reason

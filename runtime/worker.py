@@ -148,6 +148,7 @@ class _Worker:
     def _serve_until_stopped(self) -> None:
         """Main thread: heartbeat, and watch for SIGTERM or the supervisor's disappearance."""
         wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)  # a signal wakes the select() below at once
         interval = beat_interval(self.cfg.heartbeat_timeout)

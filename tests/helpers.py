@@ -127,12 +127,16 @@ class Node:
         return self.wait(timeout)
 
     def group_alive(self) -> bool:
-        """Whether any process of the node's process group (session) is still there."""
-        try:
-            os.killpg(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+        """Whether a live (not zombie) process of the node's process group is still there.
+
+        From /proc rather than killpg(0): orphaned zombies that no init reaps would count.
+        """
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = stat.read_text().rpartition(")")[2].split()
+                if fields[0] != "Z" and int(fields[2]) == self.pid:
+                    return True
+        return False
 
     def wait_group_gone(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

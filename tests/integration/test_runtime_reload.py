@@ -1,0 +1,84 @@
+"""SIGHUP: new modules are served by a new generation of workers, no request refused meanwhile."""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from helpers import Client, Node, once, worker_pids, write_modules
+
+VERSION = "def version():\n    return {n}\n"
+
+
+def test_sighup_serves_the_changed_module_without_a_failed_request(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    directory = write_modules(tmp_path / "modules", {"app": VERSION.format(n=1)})
+    node = node_factory(directory, workers=2, threads=2, graceful_timeout=5).start()
+    old = set(worker_pids(node.pid))
+    stop = threading.Event()
+    seen: list[int] = []
+    failures: list[tuple[object, object]] = []
+
+    def client_loop(keep_alive: bool) -> None:
+        # A fresh connection per request tests that the socket never refuses one; the
+        # keep-alive client that its connection is closed only between requests.
+        client = Client(node.port, keep_alive=keep_alive)
+        while not stop.is_set():
+            try:
+                status, answer = client.call("app", "version")
+            except (OSError, http.client.HTTPException) as e:
+                failures.append((keep_alive, e))
+                continue
+            if status == 200:
+                seen.append(answer["result"])
+            else:
+                failures.append((status, answer))
+        client.close()
+
+    clients = [threading.Thread(target=client_loop, args=(i % 2 == 0,)) for i in range(4)]
+    for t in clients:
+        t.start()
+    try:
+        time.sleep(0.5)
+        (directory / "app.py").write_text(VERSION.format(n=2))
+        mark = node.log_size()
+        node.signal(signal.SIGHUP)
+        node.wait_log("reloaded", 15, since=mark)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (not seen or seen[-1] != 2):
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(20)
+    assert not [t for t in clients if t.is_alive()], "client threads deadlocked"
+    assert not failures, failures[:5]
+    assert 1 in seen and seen[-1] == 2
+    text = node.text(mark)
+    assert "recovered" not in text, "replacing workers on reload is a clean exit"
+    assert text.count("stopped") >= 2
+    assert not old & set(worker_pids(node.pid))
+    assert once(node.port, "app", "version") == 2
+    assert node.stop() == 0
+
+
+def test_sighup_with_a_module_that_cannot_load_keeps_the_old_workers(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    directory = write_modules(tmp_path / "modules", {"app": VERSION.format(n=1)})
+    node = node_factory(directory, workers=2, threads=2).start()
+    old = set(worker_pids(node.pid))
+    (directory / "app.py").write_text("def version(:\n")
+    mark = node.log_size()
+    node.signal(signal.SIGHUP)
+    node.wait_log("reload refused", 15, since=mark)
+    time.sleep(0.3)
+    assert set(worker_pids(node.pid)) == old
+    assert once(node.port, "app", "version") == 1
+    assert node.stop() == 0
