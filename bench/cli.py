@@ -72,6 +72,35 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--fsync-seconds", type=float, default=None, help="per fdatasync variant (default 2)"
     )
     ap.add_argument("--keep", action="store_true", help="keep the store directories")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure each cell this many times and report the median round (default 1)",
+    )
+    ap.add_argument(
+        "--http",
+        action="store_true",
+        help="also run pmnc-runtime on a generated node and load it over HTTP (write and "
+        "read handlers), next to pmnc used directly at the same processes x threads",
+    )
+    ap.add_argument(
+        "--http-node",
+        default="4x8",
+        help="the generated cage's workers x threads (default 4x8)",
+    )
+    ap.add_argument(
+        "--http-load",
+        default="4x8",
+        help="load processes x threads, one keep-alive connection per thread (default 4x8)",
+    )
+    ap.add_argument(
+        "--kill-recovery",
+        type=int,
+        default=0,
+        metavar="N",
+        help="kill -9 one worker of the generated node N times; time until it serves again",
+    )
     args = ap.parse_args(argv)
     if args.duration is None:
         args.duration = 0.5 if args.quick else 3.0
@@ -92,8 +121,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     except argparse.ArgumentTypeError as e:
         ap.error(f"--configs: {e}")
     args.configs = [f"{p}x{t}" for p, t in args.config_pairs]
-    if args.duration <= 0 or args.prefill < 1:
-        ap.error("--duration and --prefill must be positive")
+    if args.duration <= 0 or args.prefill < 1 or args.rounds < 1 or args.kill_recovery < 0:
+        ap.error("--duration, --prefill and --rounds must be positive")
+    try:
+        args.http_node_pair = _config(args.http_node)
+        args.http_load_pair = _config(args.http_load)
+    except argparse.ArgumentTypeError as e:
+        ap.error(f"--http-node/--http-load: {e}")
     return args
 
 
@@ -132,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({report.filesystem_of(run_dir)}); about {estimate / 60:.1f} min"
     )
     t_start = time.monotonic()
+    http_part: report.HttpPart | None = None
     try:
         fsync_runs = []
         for variant in ("append", "overwrite"):
@@ -139,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         results: list[runner.CellResult] = []
         for n, (op, p, t, config, store) in enumerate(cells, 1):
             cell_dir = run_dir / f"{n:03d}-{store.name}-{op}-{config}"
-            r = runner.run_cell(
-                store, op, p, t, args.duration, args.prefill, cell_dir, keep=args.keep
-            )
+            r = _measure(args, store, op, p, t, cell_dir)
             results.append(r)
             elapsed = time.monotonic() - t_start
             status = (
@@ -154,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"[{n:>3}/{len(cells)} {elapsed:5.0f}s] {store.name:<10} {op:<9} {config:>4}  "
                 f"{status}"
             )
+        if args.http or args.kill_recovery:
+            http_part = _run_http(args, stores, results, run_dir)
         for variant in ("append", "overwrite"):
             fsync_runs.append(("end", fsync.measure(run_dir, variant, args.fsync_seconds)))
     finally:
@@ -184,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             "            (fdatasync rate: the higher of the start and end append measurements)"
         )
+    if http_part is not None:
+        lines += report.http_section(http_part, args.duration)
     lines.append("")
     lines.append(f"total time {time.monotonic() - t_start:.0f} s")
     print("\n".join(lines), flush=True)
@@ -202,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                     "prefill": args.prefill,
                     "fsync": [{"when": w, **r.to_json()} for w, r in fsync_runs],
                     "cells": [r.to_json() for r in results],
+                    "http": http_part.to_json() if http_part is not None else None,
                 },
                 indent=1,
             )
@@ -210,3 +248,63 @@ def main(argv: list[str] | None = None) -> int:
         )
     failed = [r for r in results if r.failed]
     return 1 if failed else 0
+
+
+def _measure(
+    args: argparse.Namespace, store: Store, op: str, p: int, t: int, cell_dir: Path
+) -> runner.CellResult:
+    """One cell, `--rounds` times on fresh directories; the round with the median rate."""
+    rounds = []
+    for k in range(args.rounds):
+        where = cell_dir if args.rounds == 1 else cell_dir.with_name(f"{cell_dir.name}-r{k + 1}")
+        rounds.append(
+            runner.run_cell(store, op, p, t, args.duration, args.prefill, where, keep=args.keep)
+        )
+    failed = [r for r in rounds if r.failed]
+    if failed:
+        return failed[0]
+    rounds.sort(key=lambda r: r.ops_per_s)
+    return rounds[(len(rounds) - 1) // 2]
+
+
+def _run_http(
+    args: argparse.Namespace, stores: list[Store], results: list[runner.CellResult], run_dir: Path
+) -> report.HttpPart:
+    """The end-to-end part: pmnc direct at the load's PxT (reused from the main cells when
+    they ran), then the node over HTTP, then the kills."""
+    from bench import http  # noqa: PLC0415 - only this mode needs it
+
+    part = report.HttpPart(
+        node=args.http_node, load=args.http_load, direct=[], http=[], kills=None, stopped=""
+    )
+    lp, lt = args.http_load_pair
+    if args.http:
+        pmnc = STORES["pmnc"]
+        why = pmnc.unavailable()
+        for op in ("set_new", "get"):
+            found = [
+                r for r in results if r.store == "pmnc" and r.op == op and r.config == f"{lp}x{lt}"
+            ]
+            if found:
+                part.direct.append(found[0])
+            elif why is None:
+                r = _measure(args, pmnc, op, lp, lt, run_dir / f"direct-{op}")
+                report.progress(f"direct pmnc {op} {r.config}: {r.ops_per_s:,.0f} ops/s")
+                part.direct.append(r)
+    wp, wt = args.http_node_pair
+    try:
+        part.http, part.kills, part.stopped = http.run(
+            run_dir,
+            workers=wp,
+            threads=wt,
+            load=(lp, lt),
+            duration=args.duration,
+            prefill=args.prefill,
+            kills=args.kill_recovery,
+            do_load=args.http,
+            progress=report.progress,
+        )
+    except Exception as e:
+        part.stopped = f"FAILED: {type(e).__name__}: {e}"
+        report.progress(f"http: {part.stopped}")
+    return part

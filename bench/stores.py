@@ -101,7 +101,7 @@ class PmncStore(Store):
         return None
 
     def version(self) -> str:
-        return _dist_version("pmnc")
+        return f"pmnc {_dist_version('pmnc')}"
 
     def create(self, path: Path, items: Iterable[tuple[str, object]]) -> None:
         pmnc_safe = _pmnc_safe()
