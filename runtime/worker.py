@@ -82,6 +82,7 @@ class _Worker:
     def run(self) -> int:
         self._reset_process_state()
         logs.configure(f"{self.cfg.node}/{self.spec.cage.name}")
+        booting = time.monotonic()
         try:
             modules = self._boot()
         except SafeNeedsRecoveryError as e:
@@ -102,6 +103,9 @@ class _Worker:
             )
             server.start()
         self._report("ready")
+        logger.info(
+            "serving: %d module(s) ready in %.3f s", len(modules), time.monotonic() - booting
+        )
         self._serve_until_stopped()
         if server is not None:
             server.stop()
