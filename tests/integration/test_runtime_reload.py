@@ -82,3 +82,22 @@ def test_sighup_with_a_module_that_cannot_load_keeps_the_old_workers(
     assert set(worker_pids(node.pid)) == old
     assert once(node.port, "app", "version") == 1
     assert node.stop() == 0
+
+
+def test_sighup_applies_a_changed_config_and_a_new_module(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    directory = write_modules(tmp_path / "modules", {"app": VERSION.format(n=1)})
+    node = node_factory(directory, workers=2, threads=2).start()
+    write_modules(directory, {"extra": "def put(v):\n    pmnc_safe['v'] = v\n    return v\n"})
+    node.config.write_text(node.config.read_text().replace("workers: 2", "workers: 3"))
+    mark = node.log_size()
+    node.signal(signal.SIGHUP)
+    text = node.wait_log("reloaded", 15, since=mark)
+    assert "2 module(s) app, extra" in text and "3 worker(s)" in text
+    assert once(node.port, "extra", "put", v=7) == 7
+    deadline = time.monotonic() + 10
+    while len(worker_pids(node.pid)) != 3 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the old generation is draining
+    assert len(worker_pids(node.pid)) == 3
+    assert node.stop() == 0
