@@ -42,6 +42,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -445,6 +446,9 @@ class Supervisor:
             report_fd=report_w,
             inherited_fds=tuple(inherited),
         )
+        # Never fork a threaded process (concurrent.futures.process asserts the same): a lock
+        # held by another thread at fork time stays locked forever in the child.
+        assert threading.active_count() == 1, "the supervisor must stay single-threaded"
         sys.stdout.flush()
         sys.stderr.flush()
         process = self._ctx.Process(
