@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from .config import ConfigError, load_config
+from .config import ConfigError, check_ports, load_config
 from .supervisor import Supervisor
 
 __all__ = ["add_parser", "run"]
@@ -28,7 +28,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as e:
-        for line in e.errors:
-            print(line, file=sys.stderr)
-        return 2
-    return Supervisor(config).run()
+        errors = e.errors
+    else:
+        # A port already taken is a config error too: say which key, before any safe is made.
+        errors = check_ports(config)
+        if not errors:
+            return Supervisor(config).run()
+    for line in errors:
+        print(line, file=sys.stderr)
+    return 2

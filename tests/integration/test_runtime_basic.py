@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -220,3 +221,16 @@ def test_sighup_with_an_invalid_config_is_refused_and_the_node_keeps_serving(
     assert "cages[0].threads" in node.text(mark)
     assert wait_serving(node.port, 5) < 5
     assert node.stop() == 0
+
+
+def test_a_port_in_use_exits_2_naming_the_key_and_starts_nothing(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    node = node_factory(modules_with_probe(tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", node.port))
+        taken.listen(1)
+        node.start(wait_ready=False)
+        assert node.wait(30) == 2
+    assert "cages[0].http" in node.text()
+    assert not (tmp_path / "var").exists()
