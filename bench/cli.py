@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         value_size=value_size,
         fsync_runs=fsync_runs,
         load_start=load_start,
+        results=results,
     )
     lines += report.tables(results, args.ops, args.configs)
     if skipped:

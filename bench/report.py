@@ -88,6 +88,7 @@ def header(
     value_size: int,
     fsync_runs: Sequence[tuple[str, FsyncResult]],
     load_start: str,
+    results: Sequence[CellResult] = (),
 ) -> list[str]:
     lines = [
         "pmnc benchmark",
@@ -105,10 +106,23 @@ def header(
         "",
         "physical limit: 512 B write + fdatasync, one thread, in the same directory",
     ]
+    base = next(
+        (
+            r
+            for r in results
+            if (r.store, r.op, r.config) == (BASELINE, "set_new", "1x1") and not r.failed
+        ),
+        None,
+    )
     for when, r in fsync_runs:
+        vs = (
+            f"   = {fmt_ratio(_ratio(r.per_s, base.ops_per_s))} raw berkeleydb set_new 1x1"
+            if base
+            else ""
+        )
         lines.append(
             f"  {r.variant:<9} ({when}): {r.per_s:>8,.0f} /s   p50 {fmt_ms(r.p50_ms)} ms   "
-            f"p99 {fmt_ms(r.p99_ms)} ms   ({r.ops:,} in {r.seconds:.1f} s)"
+            f"p99 {fmt_ms(r.p99_ms)} ms   ({r.ops:,} in {r.seconds:.1f} s){vs}"
         )
     return lines
 
@@ -282,14 +296,17 @@ def http_section(part: HttpPart, duration: float) -> list[str]:
         f"    in {part.load} processes x threads; {duration:g} s per cell)",
         "",
     ]
-    head = f"{'what':<40} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7}  {'x direct':>8}  notes"
-    titles = {"set_new": "durable write (put a new key)", "get": "read (get)"}
+    head = f"{'what':<38} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7}  {'x direct':>8}  notes"
+    titles = {"set_new": "durable write (new key)", "get": "read"}
     if part.http or part.direct:
         lines += [head, "-" * len(head)]
     for op in ("set_new", "get"):
         direct = next((r for r in part.direct if r.op == op), None)
         over = next((r for r in part.http if r.op == op), None)
-        for label, r in ((f"{titles[op]}: HTTP", over), (f"{titles[op]}: Safe directly", direct)):
+        for label, r in (
+            (f"{titles[op]}, over HTTP", over),
+            (f"{titles[op]}, Safe directly", direct),
+        ):
             if r is None:
                 continue
             ratio = (
@@ -299,7 +316,7 @@ def http_section(part: HttpPart, duration: float) -> list[str]:
             )
             rate = "-" if r.failed else f"{r.ops_per_s:,.0f}"
             lines.append(
-                f"{label:<40} {rate:>9} {fmt_ms(r.p50_ms):>7} {fmt_ms(r.p99_ms):>7}  "
+                f"{label:<38} {rate:>9} {fmt_ms(r.p50_ms):>7} {fmt_ms(r.p99_ms):>7}  "
                 f"{fmt_ratio(ratio):>8}  {_notes(r)}".rstrip()
             )
     if part.kills is not None:
