@@ -41,6 +41,7 @@ __all__ = [
     "prepare",
     "recover",
     "users",
+    "verify",
 ]
 
 
@@ -60,3 +61,8 @@ def recover(path: str | os.PathLike[str], *, catastrophic: bool = False) -> floa
 def users(path: str | os.PathLike[str]) -> list[int]:
     """The pids of the processes that have the safe open now."""
     return _env.users(path)
+
+
+def verify(path: str | os.PathLike[str]) -> None:
+    """Check a safe that no process is using; SafeCorruptError if its database is damaged."""
+    _env.verify(path)

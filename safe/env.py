@@ -79,6 +79,8 @@ TICK_S = 0.1
 CHECKPOINT_KBYTES = 2 * 1024
 # Backoff between retries of a deadlocked or expired operation (notes, summary step 8).
 BACKOFF_MAX_S = 0.05
+# Every this many ticks, look for registered processes that died (see _check_registrants).
+REGISTRANT_CHECK_TICKS = 3
 # How long a free-space reading is trusted before statvfs is asked again.
 SPACE_CHECK_PERIOD_S = 0.2
 LATENCY_SAMPLES = 2048
@@ -274,6 +276,12 @@ class Environment:
             with contextlib.suppress(db.DBError):
                 self._env.close()
             raise
+        # A second descriptor on DB_REGISTER's file, to see which registered processes died. It
+        # is closed only after the environment: closing any descriptor of that file drops this
+        # process's own registration lock (fcntl semantics).
+        self._register_fd = os.open(path / REGISTER_FILE, os.O_RDONLY)
+        self._suspects: set[int] = set()
+        self.panic_cause = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._maintain, name=f"pmnc.safe maintenance {path.name}", daemon=True
@@ -333,7 +341,7 @@ class Environment:
             raise SafeNeedsRecoveryError(
                 self.path,
                 what,
-                "the environment needs recovery (it panicked earlier in this process)",
+                f"the environment needs recovery ({self.panic_cause or 'it panicked earlier'})",
                 "under pmnc-runtime the supervisor recovers it; standalone, close it in every "
                 "process and open it again",
             )
@@ -465,20 +473,51 @@ class Environment:
     def _maintain(self) -> None:
         """Expire overdue lock waits every tick; checkpoint by log volume and by interval."""
         last_forced = time.monotonic()
+        ticks = 0
         while not self._stop.wait(TICK_S):
+            ticks += 1
+            if not self.panicked and ticks % REGISTRANT_CHECK_TICKS == 0:
+                self._check_registrants()
             try:
+                # Go on expiring lock waits after a death was noticed: that is what wakes the
+                # calls already waiting on the dead process's locks, which then fail at once.
                 self._env.lock_detect(db.DB_LOCK_EXPIRE)
+                if self.panicked:
+                    continue
                 if time.monotonic() - last_forced >= self._checkpoint_interval:
                     self._env.txn_checkpoint(0, 0, 0)
                     last_forced = time.monotonic()
                 else:
                     self._env.txn_checkpoint(CHECKPOINT_KBYTES, 0, 0)
-            except db.DBRunRecoveryError:
+            except db.DBRunRecoveryError as e:
+                self.panic_cause = f"Berkeley DB: {e}"
                 self.panicked = True
                 log.exception("%s: the environment needs recovery; maintenance stopped", self.path)
                 return
             except db.DBError as e:
                 log.warning("%s: maintenance: %s", self.path, e)
+
+    def _check_registrants(self) -> bool:
+        """Notice a registered process that died without closing: the environment needs recovery.
+
+        Its locks and perhaps a region mutex stay held until recovery, and the next process to
+        join will panic the environment anyway (DB_REGISTER), so new calls fail at once with
+        SafeNeedsRecoveryError instead of each waiting out its deadline. A process must be seen
+        dead twice in a row (unlocked slot, pid gone) so that a clean close is never mistaken.
+        """
+        dead = {
+            pid
+            for pid, holder in _registrants(self._register_fd)
+            if holder is None and pid != self.pid and not _alive(pid)
+        }
+        confirmed = dead & self._suspects
+        self._suspects = dead
+        if not confirmed:
+            return False
+        self.panic_cause = f"process {min(confirmed)} died while using it and may hold its locks"
+        self.panicked = True
+        log.error("%s: %s: the environment needs recovery", self.path, self.panic_cause)
+        return True
 
     # -- closing ---------------------------------------------------------------------------------
 
@@ -491,6 +530,8 @@ class Environment:
         if self.closed:
             return
         self.closed = True
+        if self.pid != os.getpid():
+            return  # inherited across fork: pinned by forget_inherited, never closed here
         self._stop.set()
         self._thread.join(timeout=5.0)
         if self.panicked or self._thread.is_alive():
@@ -504,11 +545,14 @@ class Environment:
             self._env.close()
         except db.DBError as e:
             raise translate(self.path, "close", e) from e
+        finally:
+            os.close(self._register_fd)
 
     def forget_inherited(self) -> None:
         """In a forked child: never touch these handles again, not even to free them."""
         _pin(self._env)
         _pin(self._db)
+        self.refs = 0
 
 
 # -- the per-process registry -------------------------------------------------------------------
@@ -630,27 +674,45 @@ def users(path: str | os.PathLike[str]) -> list[int]:
         own = [os.getpid()] if key in _registry else []
     if own:
         return own
-    register = key / REGISTER_FILE
     try:
-        fd = os.open(register, os.O_RDWR)
+        fd = os.open(key / REGISTER_FILE, os.O_RDONLY)
     except FileNotFoundError:
         return []
     except PermissionError as e:
         raise translate(key, "list its users", e) from e
     try:
-        size = os.fstat(fd).st_size
-        pids: set[int] = set()
-        # Slots are locked one byte each at their file offset; probing every offset is cheap
-        # for a file of a few hundred bytes and does not depend on the slot width.
-        for offset in range(size + 1):
-            probe = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
-            answer = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
-            kind, _, _, _, pid = struct.unpack("hhqqi", answer)
-            if kind != fcntl.F_UNLCK and pid > 0:
-                pids.add(pid)
-        return sorted(pids)
+        return sorted({holder for _, holder in _registrants(fd) if holder is not None})
     finally:
         os.close(fd)
+
+
+def _registrants(fd: int) -> list[tuple[int, int | None]]:
+    """(pid written in the slot, pid holding the slot's lock or None) for each live slot.
+
+    DB_REGISTER's file has one line per process that joined: its pid, right-aligned, or "X"
+    once it closed cleanly; the process holds an fcntl lock on the first byte of its line.
+    """
+    data = os.pread(fd, 1 << 20, 0)
+    out: list[tuple[int, int | None]] = []
+    offset = 0
+    for line in data.split(b"\n"):
+        text = line.strip()
+        if text.isdigit():
+            probe = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+            kind, _, _, _, holder = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, probe))
+            out.append((int(text), holder if kind != fcntl.F_UNLCK else None))
+        offset += len(line) + 1
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def recover(path: str | os.PathLike[str], *, catastrophic: bool = False) -> float:
@@ -679,3 +741,29 @@ def recover(path: str | os.PathLike[str], *, catastrophic: bool = False) -> floa
         with contextlib.suppress(db.DBError):
             env.close()
     return time.monotonic() - started
+
+
+def verify(path: str | os.PathLike[str]) -> None:
+    """Check the structure of a safe's database file; SafeCorruptError if it is damaged.
+
+    Berkeley DB's verify reads the file outside the environment, so it is only run on a safe
+    that no process is using (SafeBusyError otherwise).
+    """
+    key = _key(path)
+    if not (key / DB_FILE).exists():
+        raise SafeError(key, "verify", "no such safe", "check the path")
+    pids = users(key)
+    if pids:
+        raise SafeBusyError(
+            key, "verify", f"in use by pid {', '.join(map(str, pids))}", "stop those processes"
+        )
+    handle = db.DB()
+    try:
+        handle.verify(str(key / DB_FILE))
+    except db.DBError as e:
+        raise SafeCorruptError(
+            key,
+            "verify",
+            f"{DB_FILE} failed verification: {e}",
+            "restore it from a backup",
+        ) from e
