@@ -25,7 +25,7 @@ from .errors import (
     SafePermissionError,
     SafeTimeoutError,
 )
-from .store import DEFAULT_CACHE_SIZE, Safe
+from .store import DEFAULT_CACHE_SIZE, DEFAULT_MIN_FREE_SPACE, Safe
 
 __all__ = [
     "Safe",
@@ -45,12 +45,17 @@ __all__ = [
 ]
 
 
-def prepare(path: str | os.PathLike[str], *, cache_size: int = DEFAULT_CACHE_SIZE) -> float:
+def prepare(
+    path: str | os.PathLike[str],
+    *,
+    cache_size: int = DEFAULT_CACHE_SIZE,
+    min_free_space: int = DEFAULT_MIN_FREE_SPACE,
+) -> float:
     """Create the safe, or recover it if a process died using it; leave no handle open.
 
     For a supervisor before it forks its workers. Returns the seconds it took.
     """
-    return _env.prepare(path, cache_size=cache_size)
+    return _env.prepare(path, cache_size=cache_size, min_free_space=min_free_space)
 
 
 def recover(path: str | os.PathLike[str], *, catastrophic: bool = False) -> float:

@@ -29,6 +29,7 @@ import fcntl
 import logging
 import os
 import random
+import stat
 import struct
 import threading
 import time
@@ -143,8 +144,21 @@ def _pin(obj: object) -> None:
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
-def _open_env(path: Path, *, cache_size: int, recover: int) -> Any:
+def _open_env(path: Path, *, cache_size: int, recover: int, min_free_space: int) -> Any:
     """Open (creating if needed) the environment at `path` with our flags, or raise SafeError."""
+    if min_free_space > 0:
+        # Creating or recovering the regions grows sparse, mmapped files: on a full disk that
+        # is a SIGBUS, so an open that might have to do it needs room for them first.
+        st = os.statvfs(path)
+        needed = cache_size + cache_size // 4 + (8 << 20)
+        if st.f_bavail * st.f_frsize < needed:
+            raise SafeNoSpaceError(
+                path,
+                "open",
+                f"only {st.f_bavail * st.f_frsize >> 20} MiB free on the filesystem; opening may "
+                f"need {needed >> 20} MiB for the environment's regions",
+                "free disk space, then open it again",
+            )
     env = db.DBEnv()
     try:
         # Region settings only take effect when the region is created; every opener sets the same
@@ -154,11 +168,55 @@ def _open_env(path: Path, *, cache_size: int, recover: int) -> Any:
         env.set_timeout(int(LOCK_TIMEOUT_S * 1_000_000), db.DB_SET_LOCK_TIMEOUT)
         env.open(str(path), ENV_FLAGS | recover, 0o600)
         env.log_set_config(db.DB_LOG_AUTO_REMOVE, 1)
-    except db.DBError as e:
+        gbytes, nbytes, _ = env.get_cachesize()  # the region creator's, whatever we asked
+        _reserve_regions(path, (gbytes << 30) + nbytes)
+    except (db.DBError, OSError) as e:
         with contextlib.suppress(db.DBError):
             env.close()
         raise translate(path, "open the environment", e) from e
     return env
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+# Blocks reserved past the end of each region file for its growth (more lockers, mutexes).
+REGION_HEADROOM = 2 << 20
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def _fallocate_keep_size(fd: int, length: int) -> None:
+    """Reserve blocks up to `length` without changing the file's size (Linux fallocate(2))."""
+    if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, ctypes.c_long(0), ctypes.c_long(length)):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _reserve_regions(path: Path, cache_size: int) -> None:
+    """Give the region files real disk blocks now, for what they hold and for what is to come.
+
+    Region files are mmapped; libdb grows them as sparse files, and touching a page that the
+    full disk cannot back kills the process with SIGBUS (reads included: the cache fills on
+    reads). Holes are filled, every region gets headroom, and the buffer-cache region (measured:
+    the last region file, growing to about 1.25x the cache size) gets its blocks reserved past
+    its end, so its later growth needs no new space. On a disk already too full this fails
+    cleanly with ENOSPC, instead of a SIGBUS later.
+    """
+    regions = sorted(path.glob("__db.0[0-9][0-9]"))
+    for n, region in enumerate(regions):
+        fd = os.open(region, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            want = size + REGION_HEADROOM
+            if n == len(regions) - 1:
+                want = max(want, cache_size + cache_size // 4 + (4 << 20))
+            _fallocate_keep_size(fd, want)
+            if size:
+                os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            # A filesystem without fallocate: there is nothing to reserve with.
+        finally:
+            os.close(fd)
 
 
 def _open_db(path: Path, env: Any, *, create: bool) -> Any:
@@ -175,33 +233,47 @@ def _open_db(path: Path, env: Any, *, create: bool) -> Any:
             raise SafeError(
                 path, "open", "no such safe", "check the path, or open with create=True"
             ) from e
+        if isinstance(e, db.DBInvalidArgError) and (path / DB_FILE).exists():
+            # Berkeley DB says only "Invalid argument" for a file of another format.
+            raise SafeCorruptError(
+                path,
+                f"open {DB_FILE}",
+                f"a file is damaged or not a pmnc safe: {e}",
+                "restore it from a backup, or move it away",
+            ) from e
         raise translate(path, f"open {DB_FILE}", e) from e
     return handle
 
 
 def _check_directory(path: Path, *, create: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise SafeError(path, "open", "the path exists and is not a directory", "give a directory")
-    if not path.exists():
-        if not create:
+    """The safe's directory exists (created if allowed) and this process may use it."""
+    denied = "run as its owner or fix its permissions"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except PermissionError as e:
+        raise SafePermissionError(path, "open", f"permission denied: {e}", denied) from e
+    except OSError as e:
+        raise SafeError(path, "open", str(e)) from e
+    if st is not None:
+        if not stat.S_ISDIR(st.st_mode):
             raise SafeError(
-                path, "open", "no such safe", "check the path, or open with create=True"
+                path, "open", "the path exists and is not a directory", "give a directory"
             )
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except PermissionError as e:
-            raise SafePermissionError(
-                path, "create the directory", str(e), "fix the permissions of its parent"
-            ) from e
-        except OSError as e:
-            raise SafeError(path, "create the directory", str(e)) from e
-    elif not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+            raise SafePermissionError(path, "open", "permission denied on the directory", denied)
+        return
+    if not create:
+        raise SafeError(path, "open", "no such safe", "check the path, or open with create=True")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except PermissionError as e:
         raise SafePermissionError(
-            path,
-            "open",
-            "permission denied on the directory",
-            "run as its owner or fix its permissions",
-        )
+            path, "create the directory", f"permission denied: {e}", "fix its parent's permissions"
+        ) from e
+    except OSError as e:
+        raise SafeError(path, "create the directory", str(e)) from e
 
 
 def translate(path: Path, what: str, e: BaseException) -> SafeError:
@@ -254,6 +326,7 @@ class Environment:
         checkpoint_interval: float,
         recover: bool,
         create: bool,
+        min_free_space: int,
     ) -> None:
         self.path = path
         self.pid = os.getpid()
@@ -264,12 +337,18 @@ class Environment:
         self._checkpoint_interval = checkpoint_interval
         self._free_checked_at = 0.0
         self._free_bytes = 0
+        self._written = 0
         _check_directory(path, create=create)
         if not create and not (path / DB_FILE).exists():
             raise SafeError(
                 path, "open", "no such safe", "check the path, or open with create=True"
             )
-        self._env = _open_env(path, cache_size=cache_size, recover=db.DB_RECOVER if recover else 0)
+        self._env = _open_env(
+            path,
+            cache_size=cache_size,
+            recover=db.DB_RECOVER if recover else 0,
+            min_free_space=min_free_space,
+        )
         try:
             self._db = _open_db(path, self._env, create=create)
         except SafeError:
@@ -363,16 +442,22 @@ class Environment:
             raise
         txn.commit()
 
-    def check_space(self, what: str, options: Options) -> None:
-        """Refuse a write while free space is under the reserve (a growing region would SIGBUS)."""
+    def check_space(self, what: str, options: Options, size: int) -> None:
+        """Refuse a write while free space is under the reserve (a growing region would SIGBUS).
+
+        statvfs is asked again every SPACE_CHECK_PERIOD_S, or sooner once the bytes written since
+        (`size` per write, counted twice: log and data page) could have eaten the margin.
+        """
         if options.min_free_space <= 0:
             return
         now = time.monotonic()
-        if now - self._free_checked_at > SPACE_CHECK_PERIOD_S:
+        margin = self._free_bytes - options.min_free_space
+        if now - self._free_checked_at > SPACE_CHECK_PERIOD_S or self._written * 2 > margin // 2:
             st = os.statvfs(self.path)
             self._free_bytes = st.f_bavail * st.f_frsize
             self._free_checked_at = now
-        if self._free_bytes < options.min_free_space:
+            self._written = 0
+        if self._free_bytes - 2 * size < options.min_free_space:
             self.stats.error(what)
             raise SafeNoSpaceError(
                 self.path,
@@ -381,6 +466,7 @@ class Environment:
                 f"{options.min_free_space >> 20} MiB; nothing was written",
                 "free disk space: writes resume by themselves; reads go on meanwhile",
             )
+        self._written += size
 
     # -- operations (raw bytes; the store encodes) -----------------------------------------------
 
@@ -538,15 +624,20 @@ class Environment:
             _pin(self._env)
             _pin(self._db)
             return
-        try:
-            with contextlib.suppress(db.DBError):
-                self.checkpoint()
-            self._db.close()
-            self._env.close()
-        except db.DBError as e:
-            raise translate(self.path, "close", e) from e
-        finally:
-            os.close(self._register_fd)
+        failure: db.DBError | None = None
+        with contextlib.suppress(db.DBError):
+            self.checkpoint()
+        # The environment is closed even when closing the database failed (a full disk cannot
+        # take its dirty pages, which the log already has): a process that leaves without
+        # closing it would look dead to the next one, which would then recover.
+        for handle in (self._db, self._env):
+            try:
+                handle.close()
+            except db.DBError as e:
+                failure = failure or e
+        os.close(self._register_fd)
+        if failure is not None:
+            raise translate(self.path, "close", failure) from failure
 
     def forget_inherited(self) -> None:
         """In a forked child: never touch these handles again, not even to free them."""
@@ -573,6 +664,7 @@ def acquire(
     checkpoint_interval: float,
     recover: bool,
     create: bool,
+    min_free_space: int,
 ) -> Environment:
     """This process's environment for `path`, opened on first use and counted per user."""
     key = _key(path)
@@ -592,6 +684,7 @@ def acquire(
                 checkpoint_interval=checkpoint_interval,
                 recover=recover,
                 create=create,
+                min_free_space=min_free_space,
             )
             _registry[key] = env
         env.refs += 1
@@ -634,7 +727,7 @@ atexit.register(_close_all_at_exit)
 # -- whole-environment operations for supervisors and tools --------------------------------------
 
 
-def prepare(path: str | os.PathLike[str], *, cache_size: int) -> float:
+def prepare(path: str | os.PathLike[str], *, cache_size: int, min_free_space: int) -> float:
     """Create the safe or recover it if a registered process died; leave nothing open.
 
     For a supervisor before it forks: this process becomes the region's creator (cache size,
@@ -649,7 +742,9 @@ def prepare(path: str | os.PathLike[str], *, cache_size: int) -> float:
             )
     started = time.monotonic()
     _check_directory(key, create=True)
-    env = _open_env(key, cache_size=cache_size, recover=db.DB_RECOVER)
+    env = _open_env(
+        key, cache_size=cache_size, recover=db.DB_RECOVER, min_free_space=min_free_space
+    )
     try:
         handle = _open_db(key, env, create=True)
         handle.close()

@@ -110,6 +110,7 @@ class Safe(MutableMapping[str, object]):
             checkpoint_interval=checkpoint_interval,
             recover=recover,
             create=create,
+            min_free_space=min_free_space,
         )
         options = _env.Options(durable=durable, timeout=timeout, min_free_space=min_free_space)
         return cls(environment, options, max_value_size)
@@ -163,10 +164,13 @@ class Safe(MutableMapping[str, object]):
         environment = self._environment_for(what)
         return environment.call(what, self._options, lambda: environment.get(key))
 
-    def _write(self, what: str, body: Callable[[_env.Environment, Any], Any]) -> Any:
-        """Run `body(environment, txn)` as one transaction, retried as a whole on conflict."""
+    def _write(self, what: str, body: Callable[[_env.Environment, Any], Any], size: int = 0) -> Any:
+        """Run `body(environment, txn)` as one transaction, retried as a whole on conflict.
+
+        `size` (bytes about to be written, when known) lets the free-space guard keep up.
+        """
         environment = self._environment_for(what)
-        environment.check_space(what, self._options)
+        environment.check_space(what, self._options, size)
 
         def transaction() -> Any:
             with environment.txn(self._options) as txn:
@@ -191,7 +195,7 @@ class Safe(MutableMapping[str, object]):
 
     def __setitem__(self, key: str, value: object) -> None:
         k, v = _encode_key(key), self._dumps(value)
-        self._write("set", lambda e, txn: e.put(txn, k, v))
+        self._write("set", lambda e, txn: e.put(txn, k, v), len(k) + len(v))
 
     def __delitem__(self, key: str) -> None:
         k = _encode_key(key)
@@ -318,7 +322,7 @@ class Safe(MutableMapping[str, object]):
             for k, v in encoded:
                 e.put(txn, k, v)
 
-        self._write("update", body)
+        self._write("update", body, sum(len(k) + len(v) for k, v in encoded))
 
     def clear(self) -> None:
         """Delete every key, in transactions of up to 1,000 keys (not atomic as a whole)."""
