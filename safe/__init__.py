@@ -38,8 +38,10 @@ __all__ = [
     "SafeNoSpaceError",
     "SafePermissionError",
     "SafeTimeoutError",
+    "backup",
     "prepare",
     "recover",
+    "restore",
     "users",
     "verify",
 ]
@@ -71,3 +73,13 @@ def users(path: str | os.PathLike[str]) -> list[int]:
 def verify(path: str | os.PathLike[str]) -> None:
     """Check a safe that no process is using; SafeCorruptError if its database is damaged."""
     _env.verify(path)
+
+
+def backup(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
+    """Hot backup into a new or empty directory, proven restorable; returns its key count."""
+    return _env.backup(path, dest)
+
+
+def restore(backup_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> int:
+    """Replace a stopped (or create a new) safe with a backup; returns its key count."""
+    return _env.restore(backup_dir, path)

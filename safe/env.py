@@ -497,8 +497,10 @@ class Environment:
         finally:
             cursor.close()
 
-    def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
-        """Up to `limit` records with keys greater than `after`, by a short-lived cursor.
+    def scan(
+        self, start: bytes | None, limit: int, *, inclusive: bool = False
+    ) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` records with keys after `start` (or from it, if `inclusive`).
 
         The cursor is closed before the batch is returned, so an iterating caller holds no lock
         between batches and never blocks writers.
@@ -506,8 +508,8 @@ class Environment:
         out: list[tuple[bytes, bytes]] = []
         cursor = self._db.cursor()
         try:
-            record = cursor.first() if after is None else cursor.set_range(after)
-            if record is not None and after is not None and record[0] == after:
+            record = cursor.first() if start is None else cursor.set_range(start)
+            if record is not None and not inclusive and record[0] == start:
                 record = cursor.next()
             while record is not None and len(out) < limit:
                 out.append(record)
@@ -532,6 +534,10 @@ class Environment:
         finally:
             cursor.close()
         return n
+
+    def backup_to(self, target: Path) -> None:
+        """Berkeley DB's hot backup: the data file, then every log file it needs."""
+        self._env.backup(str(target), db.DB_CREATE)
 
     def checkpoint(self) -> None:
         """Checkpoint twice: log removal keeps everything back to the start of the previous
@@ -862,3 +868,141 @@ def verify(path: str | os.PathLike[str]) -> None:
             f"{DB_FILE} failed verification: {e}",
             "restore it from a backup",
         ) from e
+
+
+# -- backup and restore ---------------------------------------------------------------------------
+
+
+def _check_backup_dir(key: Path) -> None:
+    """A consistent copy (data file and logs) that catastrophic recovery brings up to date."""
+    if not (key / DB_FILE).exists() or not list(key.glob("log.*")):
+        raise SafeError(
+            key, "read the backup", f"no {DB_FILE} and log files here", "give a backup directory"
+        )
+
+
+def _recover_copy(key: Path) -> int:
+    """Catastrophic recovery on a private copy (no other process sees it), then count and
+    verify its records; the copy is left as plain files (regions removed)."""
+    env = db.DBEnv()
+    try:
+        env.open(str(key), (ENV_FLAGS & ~db.DB_REGISTER) | db.DB_RECOVER_FATAL, 0o600)
+        handle = db.DB(env)
+        handle.open(DB_FILE, None, db.DB_BTREE, db.DB_AUTO_COMMIT | db.DB_RDONLY, 0o600)
+        count: int = handle.stat()["ndata"]
+        handle.close()
+        env.txn_checkpoint(0, 0, db.DB_FORCE)
+        env.txn_checkpoint(0, 0, db.DB_FORCE)
+    except db.DBError as e:
+        raise translate(key, "recover the copy", e) from e
+    finally:
+        with contextlib.suppress(db.DBError):
+            env.close()
+    with contextlib.suppress(db.DBError):
+        db.DBEnv().remove(str(key))
+    checker = db.DB()
+    try:
+        checker.verify(str(key / DB_FILE))
+    except db.DBError as e:
+        raise SafeCorruptError(key, "verify the copy", str(e), "take the backup again") from e
+    return count
+
+
+def backup(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
+    """Hot backup of a safe, in use or not, into the new or empty directory `dest`.
+
+    Berkeley DB copies the data file and then the logs, so the copy is consistent once
+    recovered. Before returning, a scratch copy of the backup is recovered catastrophically,
+    verified and counted: the number of keys is returned, and a backup that would not restore
+    raises instead.
+    """
+    key, target = _key(path), _key(dest)
+    if not (key / DB_FILE).exists():
+        raise SafeError(key, "back up", "no such safe", "check the path")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise SafeError(
+            target,
+            "back up",
+            "the destination exists and is not an empty directory",
+            "give a new or empty directory",
+        )
+    st = os.statvfs(key)
+    needed = sum(
+        p.stat().st_size for p in key.iterdir() if p.name == DB_FILE or p.name[:4] == "log."
+    )
+    if os.path.exists(target.parent) and os.statvfs(target.parent).f_bavail * st.f_frsize < needed:
+        raise SafeNoSpaceError(target, "back up", f"needs about {needed >> 20} MiB", "free space")
+    target.mkdir(parents=True, exist_ok=True)
+    environment = acquire(
+        key,
+        cache_size=8 << 20,
+        checkpoint_interval=60,
+        recover=False,
+        create=False,
+        min_free_space=0,
+    )
+    try:
+        environment.call(
+            "back up",
+            Options(durable=True, timeout=600, min_free_space=0),
+            lambda: environment.backup_to(target),
+        )
+    finally:
+        release(environment)
+    scratch = target.parent / f".{target.name}.check-{os.getpid()}"
+    try:
+        _copy_files(target, scratch)
+        return _recover_copy(scratch)
+    finally:
+        _remove_tree(scratch)
+
+
+def restore(backup_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> int:
+    """Make `path` a copy of the backup (a new safe, or a stopped one, replaced whole).
+
+    The backup is copied beside the target, recovered and verified there, and only then swapped
+    in, so a failure leaves the old safe as it was. Returns the number of keys restored.
+    """
+    source, key = _key(backup_dir), _key(path)
+    _check_backup_dir(source)
+    if key.exists():
+        pids = users(key)
+        if pids:
+            raise SafeBusyError(
+                key, "restore", f"in use by pid {', '.join(map(str, pids))}", "stop them first"
+            )
+    staging = key.parent / f".{key.name}.restore-{os.getpid()}"
+    key.parent.mkdir(parents=True, exist_ok=True)
+    _remove_tree(staging)
+    try:
+        _copy_files(source, staging)
+        count = _recover_copy(staging)
+        if key.exists():
+            old = key.parent / f".{key.name}.old-{os.getpid()}"
+            os.rename(key, old)
+            os.rename(staging, key)
+            _remove_tree(old)
+        else:
+            os.rename(staging, key)
+        return count
+    finally:
+        _remove_tree(staging)
+
+
+def _copy_files(source: Path, dest: Path) -> None:
+    """Copy the data file and logs (never __db.* regions or the register) with fsync."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in sorted(source.iterdir()):
+        if p.name == DB_FILE or (p.name.startswith("log.") and p.name[4:].isdigit()):
+            with open(p, "rb") as src, open(dest / p.name, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+
+
+def _remove_tree(path: Path) -> None:
+    if path.exists():
+        for p in path.iterdir():
+            p.unlink()
+        path.rmdir()

@@ -206,22 +206,23 @@ class Safe(MutableMapping[str, object]):
         environment = self._environment_for("len")
         return environment.call("len", self._options, environment.count)
 
+    def _batch(self, start: bytes | None, *, inclusive: bool) -> list[tuple[bytes, bytes]]:
+        environment = self._environment_for("iterate")
+        scan = functools.partial(environment.scan, start, BATCH, inclusive=inclusive)
+        return environment.call("iterate", self._options, scan)
+
     def _records(self) -> Iterator[tuple[bytes, bytes]]:
         """Walk every record in key order, a batch per short-lived cursor.
 
         A key deleted during the walk is simply not met; keys written meanwhile may or may not
         appear. No lock is held between batches.
         """
-        after: bytes | None = None
+        batch = self._batch(None, inclusive=True)
         while True:
-            environment = self._environment_for("iterate")
-            batch = environment.call(
-                "iterate", self._options, functools.partial(environment.scan, after, BATCH)
-            )
             yield from batch
             if len(batch) < BATCH:
                 return
-            after = batch[-1][0]
+            batch = self._batch(batch[-1][0], inclusive=False)
 
     def __iter__(self) -> Iterator[str]:
         for key, _ in self._records():
@@ -328,6 +329,43 @@ class Safe(MutableMapping[str, object]):
         """Delete every key, in transactions of up to 1,000 keys (not atomic as a whole)."""
         while self._write("clear", lambda e, txn: e.delete_some(txn, BATCH)) == BATCH:
             pass
+
+    # -- raw access for tools (no unpickling) ------------------------------------------------------
+
+    def raw_items(self, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+        """(key, pickled value) in key order, starting at `prefix` and keeping to it.
+
+        For tools that must not run code stored in a safe: nothing is unpickled here.
+        """
+        start = _encode_key(prefix)
+        batch = self._batch(start or None, inclusive=True)
+        while True:
+            for key, raw in batch:
+                if not key.startswith(start):
+                    return
+                yield _decode_key(key), raw
+            if len(batch) < BATCH:
+                return
+            batch = self._batch(batch[-1][0], inclusive=False)
+
+    def get_raw(self, key: str) -> bytes:
+        """The pickled value at `key`, not unpickled; KeyError if absent."""
+        raw = self._read("get", _encode_key(key))
+        if raw is None:
+            raise KeyError(key)
+        return raw
+
+    def set_raw(self, key: str, data: bytes) -> None:
+        """Store an already pickled value (as `raw_items` gives it), e.g. when loading a dump."""
+        if not isinstance(data, bytes):
+            raise TypeError(f"set_raw takes pickled bytes, got {type(data).__name__}")
+        if len(data) > self._max_value_size:
+            raise ValueError(
+                f"{self.path}: value of {len(data)} bytes exceeds max_value_size "
+                f"{self._max_value_size} bytes; nothing was stored"
+            )
+        k = _encode_key(key)
+        self._write("set", lambda e, txn: e.put(txn, k, data), len(k) + len(data))
 
     # -- maintenance -------------------------------------------------------------------------------
 
