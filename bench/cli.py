@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = datetime.datetime.now(datetime.UTC)
     load_start = report.loadavg()
+    tree = report.tree_state(ROOT)  # at the start: the code the cells ran
 
     stores: list[Store] = []
     for name in args.stores:
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         fsync_runs=fsync_runs,
         load_start=load_start,
         results=results,
+        tree=tree,
     )
     lines += report.tables(results, args.ops, args.configs)
     if skipped:
@@ -234,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                     "argv": argv,
                     "date": started.isoformat(),
                     "machine": report.machine_line(),
+                    "code": tree,
                     "filesystem": str(report.filesystem_of(base)),
                     "versions": {s.name: s.version() for s in stores},
                     "duration_s": args.duration,

@@ -8,6 +8,7 @@ import datetime
 import math
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,30 @@ def loadavg() -> str:
         return "?"
 
 
+def tree_state(root: Path) -> str:
+    """The commit the code under test comes from, and which of its files differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "log", "-1", "--format=%h (committed %cI)"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "safe", "runtime", "bench"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "? (not a git checkout)"
+    changed = [line[3:] for line in dirty if line.strip()]
+    note = f"; uncommitted: {', '.join(changed)}" if changed else "; clean"
+    return f"{head}{note}"
+
+
 def machine_line() -> str:
     return (
         f"{os.cpu_count()} CPUs ({cpu_model()}), {platform.system()} {platform.release()} "
@@ -89,12 +114,14 @@ def header(
     fsync_runs: Sequence[tuple[str, FsyncResult]],
     load_start: str,
     results: Sequence[CellResult] = (),
+    tree: str = "?",
 ) -> list[str]:
     lines = [
         "pmnc benchmark",
         f"command:   {' '.join(argv)}",
         f"date:      {started.strftime('%Y-%m-%d %H:%M:%S %Z')}",
         f"machine:   {machine_line()}",
+        f"code:      {tree}",
         f"load avg:  {load_start} at start, {loadavg()} at end (1/5/15 min)",
         f"directory: {directory}",
         f"filesystem: {filesystem_of(directory)}",

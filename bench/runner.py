@@ -200,15 +200,15 @@ def _thread_main(
             st.errors += 1
             if len(st.error_samples) < 3:
                 st.error_samples.append(f"{type(e).__name__}: {e}"[:300])
-            t1 = clock()
             time.sleep(0.001)  # a persistent failure must not spin
+            t1 = clock()
         else:
             t1 = clock()
             hist[idx(t1 - now)] += 1
             if t1 <= end:
                 st.ops += 1
         i += 1
-        now = t1 if t1 >= now else clock()
+        now = t1
     st.done = True
 
 
