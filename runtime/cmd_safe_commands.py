@@ -1,0 +1,442 @@
+"""`pmnc-runtime safe ...`: inspect, dump, load, verify, back up, restore and recover safes.
+
+What an operator needs on the day something goes wrong. Rules every command keeps:
+
+- It never runs code stored in a safe: values are shown through `pmnc.runtime.unpickle` (plain
+  data and placeholders), dumped and loaded as the stored pickles, unless `--trust` is given.
+- It never creates a safe, except `load` and `restore` for their target: a path is only opened
+  once it holds a safe's data file, because opening a directory creates environment files there.
+- It opens a safe in use with `recover=False`: a running node's supervisor owns recovery, and
+  a tool that recovered behind its back would force every worker to restart.
+- Success is exit 0; any failure is one line on stderr naming the path and the reason.
+
+Exit codes (runtime/cli.py's scheme): 0 ok; 1 a missing key, or `verify` found the database
+damaged; 2 bad usage; 3 an operational failure (not a safe, in use, no space, permission...);
+4 `verify` or `get` found a value that cannot be decoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pickle
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from pmnc.safe import Safe, SafeBusyError, SafeCorruptError, SafeError
+from pmnc.safe import backup as safe_backup
+from pmnc.safe import recover as safe_recover
+from pmnc.safe import restore as safe_restore
+from pmnc.safe import users as safe_users
+from pmnc.safe import verify as safe_verify
+
+from . import dumpfile, unpickle
+from .progress import Progress
+
+__all__ = ["add_parser", "run"]
+
+OK, FAILED, USAGE, ERROR, UNDECODABLE = 0, 1, 2, 3, 4
+
+# The data file every safe directory holds (pmnc.safe's layout; see the module docstring).
+DATA_FILE = "safe.db"
+# Values written per checkpoint while loading (writes are non-durable until then, for speed).
+LOAD_CHECKPOINT_EVERY = 10_000
+
+
+class CommandError(Exception):
+    """A failure to report as one line "<path>: <reason>" with an exit code."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, code: int = ERROR) -> None:
+        super().__init__(f"{os.fspath(path)}: {reason}")
+        self.code = code
+
+
+# -- argument parsing -----------------------------------------------------------------------------
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register `safe` and its subcommands (the CLI keeps one module per command)."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "safe",
+        help="inspect and operate module safes",
+        description="Inspect, dump, load, verify, back up, restore and recover safes. "
+        "Exit 0 on success; 1 a missing key or a damaged database; 3 an operational failure; "
+        "4 a value that cannot be decoded. Nothing runs code stored in a safe without --trust.",
+    )
+    sub = parser.add_subparsers(dest="safe_command", required=True, metavar="SUBCOMMAND")
+
+    p = sub.add_parser("list", help="one row per safe under DATA_DIR/safe/")
+    p.add_argument("data_dir", metavar="DATA_DIR", help="a node's data_dir")
+    p.set_defaults(action=_list)
+
+    p = sub.add_parser("keys", help="one key per line")
+    p.add_argument("safe", metavar="SAFE", help="the safe's directory")
+    p.add_argument("--prefix", default="", help="only keys starting with P", metavar="P")
+    p.add_argument(
+        "--null",
+        action="store_true",
+        help="end each key with NUL instead of a newline, written exactly (for xargs -0); "
+        "without it a key that is not printable is written as its Python repr",
+    )
+    p.set_defaults(action=_keys)
+
+    p = sub.add_parser("get", help="print the repr of a value")
+    p.add_argument("safe", metavar="SAFE", help="the safe's directory")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument(
+        "--trust",
+        action="store_true",
+        help="unpickle fully: imports and runs code named by the stored value",
+    )
+    p.set_defaults(action=_get)
+
+    p = sub.add_parser("dump", help="write every key and value to a dump file")
+    p.add_argument("safe", metavar="SAFE", help="the safe's directory")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="'-' for stdout")
+    p.add_argument("--progress", action="store_true", help="show progress even if not a TTY")
+    p.set_defaults(action=_dump)
+
+    p = sub.add_parser("load", help="store every key and value of a dump (creates the safe)")
+    p.add_argument("safe", metavar="SAFE", help="the safe's directory")
+    p.add_argument("file", metavar="FILE", help="a dump; '-' for stdin")
+    p.add_argument("--progress", action="store_true", help="show progress even if not a TTY")
+    p.set_defaults(action=_load)
+
+    p = sub.add_parser("verify", help="check the database and that every value decodes")
+    p.add_argument("safe", metavar="SAFE", help="the safe's directory")
+    p.set_defaults(action=_verify)
+
+    p = sub.add_parser("backup", help="hot backup of a safe, or of every safe of a data_dir")
+    p.add_argument("source", metavar="SAFE|DATA_DIR")
+    p.add_argument("dest", metavar="DEST", help="a new or empty directory")
+    p.set_defaults(action=_backup)
+
+    p = sub.add_parser("restore", help="replace a stopped (or create a new) safe from a backup")
+    p.add_argument("backup", metavar="BACKUP", help="a directory written by backup")
+    p.add_argument("safe", metavar="SAFE", help="the safe's directory")
+    p.set_defaults(action=_restore)
+
+    p = sub.add_parser("recover", help="recover a safe no process is using")
+    p.add_argument("safe", metavar="SAFE", help="the safe's directory")
+    p.add_argument("--catastrophic", action="store_true", help="replay every log file")
+    p.set_defaults(action=_recover)
+
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one subcommand; turn every expected failure into one stderr line and an exit code."""
+    action: Callable[[argparse.Namespace], int] = args.action
+    try:
+        return action(args)
+    except CommandError as e:
+        _say_error(str(e))
+        return e.code
+    except SafeError as e:
+        _say_error(str(e))
+        return ERROR
+    except BrokenPipeError:
+        # The reader went away (`keys | head`): not our failure, and nothing left to say.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return OK
+    except OSError as e:
+        where = e.filename if e.filename is not None else "?"
+        _say_error(f"{where}: {e.strerror or e}")
+        return ERROR
+
+
+def _say_error(line: str) -> None:
+    print(" ".join(line.split("\n")), file=sys.stderr)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _require_safe(path: str | os.PathLike[str]) -> Path:
+    """The path, if it is a safe's directory; CommandError otherwise (and nothing created)."""
+    p = Path(path)
+    if not p.exists():
+        raise CommandError(p, "no such safe (the path does not exist)")
+    if not p.is_dir():
+        raise CommandError(p, "not a safe (not a directory)")
+    if not (p / DATA_FILE).is_file():
+        raise CommandError(p, f"not a safe (no {DATA_FILE} in it)")
+    return p
+
+
+def _open(path: Path, **options: Any) -> Safe:
+    """Open without recovery while any process uses the safe: a live node's supervisor owns
+    that, and recovering under its workers would panic them. A safe nobody uses may need it
+    just to open (fresh regions after `restore` or a reboot), and then nobody is disturbed."""
+    return Safe.open(path, recover=not safe_users(path), **options)
+
+
+@contextlib.contextmanager
+def _opened(path: Path, **options: Any) -> Iterator[Safe]:
+    """An existing safe (never created), closed on exit."""
+    safe = _open(path, create=False, **options)
+    try:
+        yield safe
+    finally:
+        safe.close()
+
+
+def _decode(raw: bytes, *, trust: bool) -> object:
+    if trust:
+        try:
+            return pickle.loads(raw)
+        except Exception as e:  # a trusted value may still fail: missing module, bad state
+            raise unpickle.UndecodableError(f"{type(e).__name__}: {e}") from e
+    return unpickle.loads(raw)
+
+
+def _show_key(key: str) -> str:
+    return key if key.isprintable() else repr(key)
+
+
+def _pids(pids: list[int]) -> str:
+    return ", ".join(map(str, pids))
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _log_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("log.*") if p.name[4:].isdigit() and p.is_file())
+
+
+def _safes_under(data_dir: Path) -> list[Path]:
+    root = data_dir / "safe"
+    if not root.is_dir():
+        raise CommandError(root, "no such directory (DATA_DIR/safe/ holds a node's safes)")
+    return [
+        p
+        for p in sorted(root.iterdir())
+        if not p.name.startswith(".") and p.is_dir() and (p / DATA_FILE).is_file()
+    ]
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+def _list(args: argparse.Namespace) -> int:
+    """A table of every safe; a safe that cannot be read gets "?" and one stderr line."""
+    rows = [("SAFE", "KEYS", "DATA", "LOG", "CHECKPOINT", "USERS")]
+    failures = []
+    now = time.time()
+    for path in _safes_under(Path(args.data_dir)):
+        pids = safe_users(path)  # before opening: our own opening would count as a user
+        data = _size((path / DATA_FILE).stat().st_size)
+        log = _size(_log_bytes(path))
+        try:
+            with _opened(path, checkpoint_interval=3600) as safe:
+                keys = str(len(safe))
+                stamp = safe.stats().get("last_checkpoint", 0)
+        except SafeError as e:
+            failures.append(str(e))
+            keys, stamp = "?", 0
+        checkpoint = _age(now - stamp) + " ago" if isinstance(stamp, int | float) and stamp else "-"
+        rows.append((path.name, keys, data, log, checkpoint, _pids(pids) or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
+    for failure in failures:
+        _say_error(failure)
+    return ERROR if failures else OK
+
+
+def _keys(args: argparse.Namespace) -> int:
+    path = _require_safe(args.safe)
+    out = sys.stdout
+    with _opened(path) as safe:
+        for key, _ in safe.raw_items(args.prefix):
+            if args.null:
+                out.flush()
+                out.buffer.write(key.encode("utf-8", "surrogatepass") + b"\0")
+            else:
+                out.write(_show_key(key) + "\n")
+    out.flush()
+    return OK
+
+
+def _get(args: argparse.Namespace) -> int:
+    path = _require_safe(args.safe)
+    with _opened(path) as safe:
+        try:
+            raw = safe.get_raw(args.key)
+        except KeyError:
+            raise CommandError(path, f"no key {args.key!r}", FAILED) from None
+    try:
+        value = _decode(raw, trust=args.trust)
+    except unpickle.UndecodableError as e:
+        raise CommandError(
+            path, f"key {args.key!r}: value cannot be decoded: {e}", UNDECODABLE
+        ) from e
+    print(repr(value))
+    return OK
+
+
+def _dump(args: argparse.Namespace) -> int:
+    """Stream every record; a file is written beside its name and renamed when complete."""
+    path = _require_safe(args.safe)
+    to_stdout = args.output == "-"
+    with _opened(path) as safe:
+        total = len(safe)
+        if to_stdout:
+            count = _dump_to(safe, sys.stdout.buffer, total, args.progress)
+        else:
+            target = Path(args.output)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+            try:
+                with os.fdopen(fd, "wb") as stream:
+                    count = _dump_to(safe, stream, total, args.progress)
+                    os.fsync(stream.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+    where = "stdout" if to_stdout else args.output
+    print(f"{path}: dumped {count} keys to {where}", file=sys.stderr if to_stdout else sys.stdout)
+    return OK
+
+
+def _dump_to(safe: Safe, stream: BinaryIO, total: int, progress: bool) -> int:
+    writer = dumpfile.DumpWriter(stream)
+    with Progress("dump", total, enabled=True if progress else None) as bar:
+        for key, raw in safe.raw_items():
+            writer.write(key, raw)
+            bar.advance()
+    writer.finish()
+    return writer.count
+
+
+def _load(args: argparse.Namespace) -> int:
+    """Check the whole dump first (so a damaged one writes nothing), then store its records."""
+    path = Path(args.safe)
+    with _dump_source(args.file) as stream:
+        try:
+            total = dumpfile.check(stream)
+        except dumpfile.DumpError as e:
+            raise CommandError(args.file, f"refused, nothing loaded: {e}") from None
+        stream.seek(0)
+        fresh = not path.exists() or (path.is_dir() and not any(path.iterdir()))
+        if not fresh and not (path / DATA_FILE).is_file():
+            raise CommandError(path, "not a safe, and not a new or empty directory to load into")
+        # Non-durable writes with a checkpoint every so often and at the end: one fsync per key
+        # would make a large load crawl, and a load cut short is simply run again.
+        with _open(path, durable=False, max_value_size=1 << 40) as safe:
+            loaded = 0
+            try:
+                with Progress("load", total, enabled=True if args.progress else None) as bar:
+                    for key, raw in dumpfile.records(stream):
+                        safe.set_raw(key, raw)
+                        loaded += 1
+                        bar.advance()
+                        if loaded % LOAD_CHECKPOINT_EVERY == 0:
+                            safe.checkpoint()
+                safe.checkpoint()
+            except (SafeError, dumpfile.DumpError) as e:
+                raise CommandError(path, f"load stopped after {loaded} of {total} keys: {e}") from e
+            now = len(safe)
+    print(f"{path}: loaded {loaded} keys from {args.file}; the safe has {now} keys")
+    return OK
+
+
+@contextlib.contextmanager
+def _dump_source(name: str) -> Iterator[BinaryIO]:
+    """The dump as a seekable file: stdin is spooled to a temporary file to be read twice."""
+    if name != "-":
+        with open(name, "rb") as f:
+            yield f
+        return
+    spool: IO[bytes]
+    with tempfile.TemporaryFile() as spool:
+        while chunk := sys.stdin.buffer.read(1 << 20):
+            spool.write(chunk)
+        spool.seek(0)
+        yield spool
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """The database first (Berkeley DB's verify), then every value through the restricted
+    unpickler: placeholders count as decoded, a pickle that cannot be built at all does not."""
+    path = _require_safe(args.safe)
+    try:
+        safe_verify(path)
+    except SafeBusyError as e:
+        raise CommandError(path, f"verify refused: {e.why} (stop those processes first)") from e
+    except SafeCorruptError as e:
+        raise CommandError(path, f"database damaged: {e.why} ({e.todo})", FAILED) from e
+    total, bad, first = 0, 0, ""
+    with _opened(path) as safe:
+        for key, raw in safe.raw_items():
+            total += 1
+            try:
+                unpickle.loads(raw)
+            except unpickle.UndecodableError as e:
+                bad += 1
+                first = first or f"key {key!r}: {e}"
+    if bad:
+        raise CommandError(
+            path, f"{bad} of {total} values cannot be decoded (first: {first})", UNDECODABLE
+        )
+    print(f"{path}: ok, {total} keys")
+    return OK
+
+
+def _backup(args: argparse.Namespace) -> int:
+    """One safe into DEST, or every safe of a data_dir into DEST/<name>."""
+    source, dest = Path(args.source), Path(args.dest)
+    if (source / DATA_FILE).is_file():
+        count = safe_backup(source, dest)
+        print(f"{source}: backed up {count} keys to {dest}")
+        return OK
+    if not (source / "safe").is_dir():
+        _require_safe(source)  # says why it is neither a safe nor a data_dir
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise CommandError(dest, "the destination exists and is not an empty directory")
+    for path in _safes_under(source):
+        count = safe_backup(path, dest / path.name)
+        print(f"{path}: backed up {count} keys to {dest / path.name}")
+    return OK
+
+
+def _restore(args: argparse.Namespace) -> int:
+    count = safe_restore(args.backup, args.safe)
+    print(f"{args.safe}: restored {count} keys from {args.backup}")
+    return OK
+
+
+def _recover(args: argparse.Namespace) -> int:
+    path = _require_safe(args.safe)
+    pids = safe_users(path)
+    if pids:
+        raise CommandError(path, f"recover refused: in use by pid {_pids(pids)} (stop them first)")
+    seconds = safe_recover(path, catastrophic=args.catastrophic)
+    kind = "catastrophic recovery" if args.catastrophic else "recovery"
+    print(f"{path}: {kind} done in {seconds:.2f}s")
+    return OK
