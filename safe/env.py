@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import ctypes
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import random
@@ -85,6 +87,8 @@ REGISTRANT_CHECK_TICKS = 3
 # How long a free-space reading is trusted before statvfs is asked again.
 SPACE_CHECK_PERIOD_S = 0.2
 LATENCY_SAMPLES = 2048
+# One plain read in this many is timed (and counted by `call`); the others are only counted.
+READ_SAMPLE_EVERY = 16
 
 _RETRYABLE = (db.DBLockDeadlockError, db.DBLockNotGrantedError)
 
@@ -98,24 +102,32 @@ class Options:
     min_free_space: int
 
 
+class _OpStats:
+    __slots__ = ("count", "samples")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.samples: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+
+
 class _Stats:
     """Per-process counters of one environment, cheap enough for every call."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.ops: dict[str, int] = {}
+        self.by_op: dict[str, _OpStats] = {}
         self.errors: dict[str, int] = {}
         self.retries = 0
-        self.latencies: dict[str, deque[float]] = {}
 
     def record(self, what: str, seconds: float, retries: int) -> None:
+        entry = self.by_op.get(what)
+        if entry is None:
+            entry = self.by_op.setdefault(what, _OpStats())
         with self.lock:
-            self.ops[what] = self.ops.get(what, 0) + 1
-            self.retries += retries
-            samples = self.latencies.get(what)
-            if samples is None:
-                samples = self.latencies[what] = deque(maxlen=LATENCY_SAMPLES)
-            samples.append(seconds)
+            entry.count += 1
+            entry.samples.append(seconds)
+            if retries:
+                self.retries += retries
 
     def error(self, what: str) -> None:
         with self.lock:
@@ -124,15 +136,15 @@ class _Stats:
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             latency: dict[str, dict[str, float]] = {}
-            for what, samples in self.latencies.items():
-                ordered = sorted(samples)
+            for what, entry in self.by_op.items():
+                ordered = sorted(entry.samples)
                 if ordered:
                     latency[what] = {
                         "p50_ms": 1000 * ordered[len(ordered) // 2],
                         "p99_ms": 1000 * ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)],
                     }
             return {
-                "ops": dict(self.ops),
+                "ops": {what: entry.count for what, entry in self.by_op.items()},
                 "errors": dict(self.errors),
                 "retries": self.retries,
                 "latency": latency,
@@ -330,10 +342,13 @@ class Environment:
     ) -> None:
         self.path = path
         self.pid = os.getpid()
+        # Compared on every call instead of os.getpid() (a system call): forks bump it.
+        self.generation = _fork_generation
         self.refs = 0
         self.panicked = False
         self.closed = False
         self.stats = _Stats()
+        self._reads = itertools.count(1)
         self._checkpoint_interval = checkpoint_interval
         self._free_checked_at = 0.0
         self._free_bytes = 0
@@ -369,22 +384,25 @@ class Environment:
 
     # -- the funnel ------------------------------------------------------------------------------
 
-    def call(self, what: str, options: Options, body: Callable[[], T]) -> T:
-        """Run `body` (one whole transaction or one read) with retries, bounds and translation.
+    def call(
+        self, what: str, options: Options, body: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> T:
+        """Run `body(*args)` (one whole transaction or one read) with retries, bounds and
+        translation: the one funnel every Berkeley DB operation of a Safe goes through.
 
         Deadlocks and expired lock waits are retried with jittered exponential backoff until
         `options.timeout`; then SafeTimeoutError, raised from the last Berkeley DB error.
         """
-        self._check_usable(what)
+        if self.closed or self.panicked or self.generation != _fork_generation:
+            self._raise_unusable(what)
         started = time.perf_counter()
-        deadline = time.monotonic() + options.timeout
         attempt = 0
         while True:
             try:
-                result = body()
+                result = body(*args, **kwargs)
             except _RETRYABLE as e:
                 attempt += 1
-                if time.monotonic() >= deadline:
+                if time.perf_counter() - started >= options.timeout:
                     self.stats.error(what)
                     raise SafeTimeoutError(
                         self.path,
@@ -396,7 +414,8 @@ class Environment:
                         "every process and open it again",
                     ) from e
                 time.sleep(random.uniform(0, min(BACKOFF_MAX_S, 0.001 * 2 ** min(attempt, 10))))
-                self._check_usable(what)
+                if self.closed or self.panicked:
+                    self._raise_unusable(what)
                 continue
             except db.DBError as e:
                 self.stats.error(what)
@@ -406,8 +425,25 @@ class Environment:
             self.stats.record(what, time.perf_counter() - started, attempt)
             return result
 
-    def _check_usable(self, what: str) -> None:
-        if self.pid != os.getpid():
+    def read(self, what: str, options: Options, key: bytes) -> bytes | None:
+        """A plain read: the hot path, kept to one Berkeley DB call when nothing goes wrong.
+
+        Every read is counted (an itertools.count is atomic under the GIL); one in
+        READ_SAMPLE_EVERY is timed for the latency percentiles. A failed attempt is done again
+        through `call`, which retries, bounds and translates.
+        """
+        if self.closed or self.panicked or self.generation != _fork_generation:
+            self._raise_unusable(what)
+        if next(self._reads) % READ_SAMPLE_EVERY == 0:
+            return self.call(what, options, self.get, key)
+        try:
+            value: bytes | None = self._db.get(key)
+        except db.DBError:
+            return self.call(what, options, self.get, key)
+        return value
+
+    def _raise_unusable(self, what: str) -> None:
+        if self.generation != _fork_generation:
             raise SafeForkError(
                 self.path,
                 what,
@@ -479,6 +515,27 @@ class Environment:
         value: bytes | None = self._db.get(key, txn=txn, flags=db.DB_RMW)
         return value
 
+    def put_one(self, options: Options, key: bytes, value: bytes) -> None:
+        """One put as its own transaction: Berkeley DB's auto-commit when durable (one call,
+        the GIL released once), an explicit DB_TXN_WRITE_NOSYNC transaction otherwise."""
+        if options.durable:
+            self._db.put(key, value)
+        else:
+            with self.txn(options) as txn:
+                self._db.put(key, value, txn=txn)
+
+    def delete_one(self, options: Options, key: bytes) -> bool:
+        """One delete as its own transaction (see put_one); False if the key was absent."""
+        try:
+            if options.durable:
+                self._db.delete(key)
+            else:
+                with self.txn(options) as txn:
+                    self._db.delete(key, txn=txn)
+        except db.DBNotFoundError:
+            return False
+        return True
+
     def put(self, txn: Any, key: bytes, value: bytes) -> None:
         self._db.put(key, value, txn=txn)
 
@@ -544,6 +601,10 @@ class Environment:
         checkpoint, so the second one is what lets the log written before the first one go."""
         self._env.txn_checkpoint(0, 0, db.DB_FORCE)
         self._env.txn_checkpoint(0, 0, db.DB_FORCE)
+
+    def reads(self) -> int:
+        """Plain reads so far (sampled ones included)."""
+        return next(copy.copy(self._reads)) - 1  # peeks without consuming
 
     def info(self) -> dict[str, Any]:
         """Environment-wide figures: log, checkpoint, cache."""
@@ -655,6 +716,7 @@ class Environment:
 # -- the per-process registry -------------------------------------------------------------------
 
 _registry: dict[Path, Environment] = {}
+_fork_generation = 0
 _registry_lock = threading.Lock()
 _inherited: list[Environment] = []
 
@@ -709,7 +771,8 @@ def release(env: Environment) -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _registry_lock
+    global _registry_lock, _fork_generation
+    _fork_generation += 1
     # Another thread may have held the lock at the fork: the child gets a fresh one.
     _registry_lock = threading.Lock()
     for env in _registry.values():

@@ -268,6 +268,6 @@ def test_checkpoint_and_stats(safe: Safe) -> None:
     safe.get("a")
     safe.checkpoint()
     stats = safe.stats()
-    assert stats["ops"] == {"set": 1, "get": 1, "checkpoint": 1}  # type: ignore[comparison-overlap]
+    assert stats["ops"] == {"set": 1, "read": 1, "checkpoint": 1}  # type: ignore[comparison-overlap]
     assert "p99_ms" in stats["latency"]["set"]  # type: ignore[index]
     assert stats["retries"] == 0
