@@ -179,12 +179,19 @@ class NodeProcess:
 
 
 class Client:
-    """A keep-alive JSON client for `POST /module/function`; reconnects after any failure."""
+    """A JSON client for `POST /module/function`; reconnects after any failure.
 
-    def __init__(self, host: str, port: int, *, timeout: float = 10.0) -> None:
+    `keep_alive=False` sends every request on a new connection, so that successive requests
+    land on whichever worker accepts first rather than on the one holding the connection.
+    """
+
+    def __init__(
+        self, host: str, port: int, *, timeout: float = 10.0, keep_alive: bool = True
+    ) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
+        self.keep_alive = keep_alive
         self.conn: http.client.HTTPConnection | None = None
 
     def call(self, module: str, function: str, **kwargs: Any) -> tuple[int, Any]:
@@ -196,7 +203,10 @@ class Client:
                 "POST",
                 f"/{module}/{function}",
                 body=json.dumps(kwargs).encode(),
-                headers={"Content-Type": "application/json"},
+                headers={
+                    "Content-Type": "application/json",
+                    "Connection": "keep-alive" if self.keep_alive else "close",
+                },
             )
             response = self.conn.getresponse()
             body = json.loads(response.read())
