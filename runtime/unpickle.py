@@ -24,7 +24,7 @@ import pathlib
 import pickle
 import reprlib
 import uuid
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 __all__ = ["Opaque", "UndecodableError", "loads"]
 
@@ -96,7 +96,7 @@ class Opaque(metaclass=_OpaqueType):
 
 
 def _opaque_class(name: str) -> type[Opaque]:
-    return _OpaqueType(f"Opaque[{name}]", (Opaque,), {"_pmnc_name": name})
+    return cast("type[Opaque]", _OpaqueType(f"Opaque[{name}]", (Opaque,), {"_pmnc_name": name}))
 
 
 def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
