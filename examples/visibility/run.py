@@ -151,8 +151,9 @@ def report_visibility(writes: list[tuple[int, float, float, int]], reads: list[A
         f"p50 {percentile(ms, 50):.2f} ms, p99 {percentile(ms, 99):.2f} ms after the write returned"
     )
     print(
-        f"   writes another worker already returned before their writer had its answer: {before_ack}; "
-        f"workers seen by readers: {len(pids)}; reads in all: {sum(len(r) for r in reads)}"
+        f"   writes another worker already returned before their writer had its answer: "
+        f"{before_ack}; workers seen by readers: {len(pids)}; "
+        f"reads in all: {sum(len(r) for r in reads)}"
     )
     return stale
 
