@@ -87,6 +87,8 @@ REGISTRANT_CHECK_TICKS = 3
 # How long a free-space reading is trusted before statvfs is asked again.
 SPACE_CHECK_PERIOD_S = 0.2
 LATENCY_SAMPLES = 2048
+# Cache of an environment that recovery (re)creates outside any Safe.open.
+RECOVERY_CACHE_SIZE = 32 << 20
 # One plain read in this many is timed (and counted by `call`); the others are only counted.
 READ_SAMPLE_EVERY = 16
 
@@ -156,7 +158,9 @@ def _pin(obj: object) -> None:
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
-def _open_env(path: Path, *, cache_size: int, recover: int, min_free_space: int) -> Any:
+def _open_env(
+    path: Path, *, cache_size: int, recover: int, min_free_space: int, register: bool = True
+) -> Any:
     """Open (creating if needed) the environment at `path` with our flags, or raise SafeError."""
     if min_free_space > 0:
         # Creating or recovering the regions grows sparse, mmapped files: on a full disk that
@@ -178,7 +182,8 @@ def _open_env(path: Path, *, cache_size: int, recover: int, min_free_space: int)
         env.set_cachesize(cache_size >> 30, cache_size & ((1 << 30) - 1), 1)
         env.set_lk_detect(db.DB_LOCK_DEFAULT)
         env.set_timeout(int(LOCK_TIMEOUT_S * 1_000_000), db.DB_SET_LOCK_TIMEOUT)
-        env.open(str(path), ENV_FLAGS | recover, 0o600)
+        flags = ENV_FLAGS if register else ENV_FLAGS & ~db.DB_REGISTER
+        env.open(str(path), flags | recover, 0o600)
         env.log_set_config(db.DB_LOG_AUTO_REMOVE, 1)
         gbytes, nbytes, _ = env.get_cachesize()  # the region creator's, whatever we asked
         _reserve_regions(path, (gbytes << 30) + nbytes)
@@ -193,6 +198,13 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # Blocks reserved past the end of each region file for its growth (more lockers, mutexes).
 REGION_HEADROOM = 2 << 20
 _FALLOC_FL_KEEP_SIZE = 1
+
+
+def _checkpoint_fully(env: Any) -> None:
+    """Checkpoint twice: log removal keeps everything back to the start of the previous
+    checkpoint, so the second one is what lets the log written before the first one go."""
+    env.txn_checkpoint(0, 0, db.DB_FORCE)
+    env.txn_checkpoint(0, 0, db.DB_FORCE)
 
 
 def _fallocate_keep_size(fd: int, length: int) -> None:
@@ -597,10 +609,7 @@ class Environment:
         self._env.backup(str(target), db.DB_CREATE)
 
     def checkpoint(self) -> None:
-        """Checkpoint twice: log removal keeps everything back to the start of the previous
-        checkpoint, so the second one is what lets the log written before the first one go."""
-        self._env.txn_checkpoint(0, 0, db.DB_FORCE)
-        self._env.txn_checkpoint(0, 0, db.DB_FORCE)
+        _checkpoint_fully(self._env)
 
     def reads(self) -> int:
         """Plain reads so far (sampled ones included)."""
@@ -817,8 +826,7 @@ def prepare(path: str | os.PathLike[str], *, cache_size: int, min_free_space: in
     try:
         handle = _open_db(key, env, create=True)
         handle.close()
-        env.txn_checkpoint(0, 0, db.DB_FORCE)
-        env.txn_checkpoint(0, 0, db.DB_FORCE)
+        _checkpoint_fully(env)
     except db.DBError as e:
         raise translate(key, "prepare", e) from e
     finally:
@@ -893,12 +901,16 @@ def recover(path: str | os.PathLike[str], *, catastrophic: bool = False) -> floa
             "stop those processes first",
         )
     started = time.monotonic()
-    env = db.DBEnv()
     # Without DB_REGISTER, recovery always runs (with it, it is skipped when nobody died).
-    flags = (ENV_FLAGS & ~db.DB_REGISTER) | (db.DB_RECOVER_FATAL if catastrophic else db.DB_RECOVER)
+    env = _open_env(
+        key,
+        cache_size=RECOVERY_CACHE_SIZE,
+        recover=db.DB_RECOVER_FATAL if catastrophic else db.DB_RECOVER,
+        min_free_space=RECOVERY_CACHE_SIZE,
+        register=False,
+    )
     try:
-        env.open(str(key), flags, 0o600)
-        env.txn_checkpoint(0, 0, 0)
+        _checkpoint_fully(env)
     except db.DBError as e:
         raise translate(key, "recover", e) from e
     finally:
@@ -947,15 +959,19 @@ def _check_backup_dir(key: Path) -> None:
 def _recover_copy(key: Path) -> int:
     """Catastrophic recovery on a private copy (no other process sees it), then count and
     verify its records; the copy is left as plain files (regions removed)."""
-    env = db.DBEnv()
+    env = _open_env(
+        key,
+        cache_size=RECOVERY_CACHE_SIZE,
+        recover=db.DB_RECOVER_FATAL,
+        min_free_space=RECOVERY_CACHE_SIZE,
+        register=False,
+    )
     try:
-        env.open(str(key), (ENV_FLAGS & ~db.DB_REGISTER) | db.DB_RECOVER_FATAL, 0o600)
         handle = db.DB(env)
         handle.open(DB_FILE, None, db.DB_BTREE, db.DB_AUTO_COMMIT | db.DB_RDONLY, 0o600)
         count: int = handle.stat()["ndata"]
         handle.close()
-        env.txn_checkpoint(0, 0, db.DB_FORCE)
-        env.txn_checkpoint(0, 0, db.DB_FORCE)
+        _checkpoint_fully(env)
     except db.DBError as e:
         raise translate(key, "recover the copy", e) from e
     finally:
