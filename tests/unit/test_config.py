@@ -218,13 +218,21 @@ def test_the_sample_config_loads() -> None:
     cfg = load_config(REPO / "config" / "node.yaml")
     assert cfg.node == "node1"
     assert cfg.data_dir == REPO / "var"
-    (cage,) = cfg.cages
-    assert cage == CageConfig(
-        name="demo",
-        modules=REPO / "examples" / "modules",
-        workers=4,
-        threads=8,
-        http=HttpAddress("127.0.0.1", 8080),
+    assert cfg.cages == (
+        CageConfig(
+            name="demo",
+            modules=REPO / "examples" / "modules",
+            workers=4,
+            threads=8,
+            http=HttpAddress("127.0.0.1", 8080),
+        ),
+        CageConfig(
+            name="web",
+            modules=REPO / "examples" / "webapp" / "modules",
+            workers=2,
+            threads=8,
+            http=HttpAddress("127.0.0.1", 8081),
+        ),
     )
 
 

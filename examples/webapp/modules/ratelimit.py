@@ -1,6 +1,6 @@
 """A rate limiter: one token bucket per client, shared by every worker of the node.
 
-Try: curl -d '{"client": "10.0.0.7", "rate": 2, "burst": 5}' http://127.0.0.1:8080/ratelimit/allow
+Try: curl -d '{"client": "10.0.0.7", "rate": 2, "burst": 5}' http://127.0.0.1:8081/ratelimit/allow
 
 Each call refills the client's bucket for the time elapsed (`rate` tokens a second, at most
 `burst`) and takes `cost` tokens if it has them. Refill and take are one `pmnc_safe.modify`, so

@@ -1,7 +1,7 @@
 """Login sessions that expire: what a web front end keeps between requests, in any worker.
 
-Try: curl -d '{"user": "alice", "ttl": 600}' http://127.0.0.1:8080/sessions/create
-then: curl -d '{"token": "<the token>"}' http://127.0.0.1:8080/sessions/touch
+Try: curl -d '{"user": "alice", "ttl": 600}' http://127.0.0.1:8081/sessions/create
+then: curl -d '{"token": "<the token>"}' http://127.0.0.1:8081/sessions/touch
 
 A session is one key (its random token) holding a dict. Sliding expiry (`touch`) is a `modify`,
 so two workers touching the same session at once cannot resurrect an older copy of it. An
