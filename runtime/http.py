@@ -6,6 +6,11 @@ with 400 (bad body or arguments), 404 (no such public function), 405, 408, 413 (
 limit), 500 (the function raised, or its result is not JSON) or 503 (the module's safe needs
 recovery: the worker then exits and the supervisor recovers).
 
+`GET /_status` answers the cage's live figures (see `status.py`); any other method on it is a
+405. No module can be named `_status`: names starting with `_` are private. Every other response
+is counted by status class for those figures; `/_status` itself is not, so polling it does not
+inflate the request counts.
+
 HTTP/1.1 with keep-alive over raw sockets, on purpose small: a worker runs exactly `threads`
 threads, each looping accept -> serve that connection until it closes. No thread per connection
 (a burst of clients cannot multiply threads), no event loop. Every thread waits in `poll()` on
@@ -35,7 +40,9 @@ from pmnc.safe import SafeNeedsRecoveryError
 from .logs import logger
 from .modules import AppModule
 
-__all__ = ["Application", "Response", "Server"]
+__all__ = ["STATUS_PATH", "Application", "RequestCounter", "Response", "Server"]
+
+STATUS_PATH = "/_status"
 
 KEEPALIVE_TIMEOUT = 5.0  # an idle keep-alive connection holds a thread: bound it
 REQUEST_TIMEOUT = 30.0  # from a request's first byte to its last
@@ -110,6 +117,25 @@ class Application:
         return Response(200, answer.encode())
 
 
+class RequestCounter:
+    """Responses sent by one worker, by status class; shared by its serving threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_class: dict[str, int] = {}
+
+    def count(self, status: int) -> None:
+        key = f"{status // 100}xx"
+        with self._lock:
+            self._by_class[key] = self._by_class.get(key, 0) + 1
+
+    def snapshot(self) -> dict[str, object]:
+        """{"requests": total, "responses": {"2xx": n, ...}}"""
+        with self._lock:
+            by_class = dict(self._by_class)
+        return {"requests": sum(by_class.values()), "responses": by_class}
+
+
 class _HttpError(Exception):
     """A request the server refuses before any call; always closes the connection."""
 
@@ -130,7 +156,8 @@ class Server:
     """`threads` threads serving one listening socket until `stop()`.
 
     `on_fatal` is called (in the serving thread) after a 503 for a safe that needs recovery;
-    the worker makes it `os._exit`, so it does not return.
+    the worker makes it `os._exit`, so it does not return. `status` builds the `/_status`
+    document; `counter` counts every other response.
     """
 
     def __init__(
@@ -141,9 +168,13 @@ class Server:
         threads: int,
         max_body: int,
         on_fatal: Callable[[], None],
+        status: Callable[[], object] | None = None,
+        counter: RequestCounter | None = None,
     ) -> None:
         self._listener = listener
         self._app = app
+        self._status = status
+        self._counter = counter or RequestCounter()
         self._max_body = max_body
         self._on_fatal = on_fatal
         self._stop = threading.Event()
@@ -252,6 +283,7 @@ class Server:
                 request = self._read_request(conn, buf, read_more)
             except _HttpError as e:
                 response = _error(e.status, HTTPStatus(e.status).phrase.replace(" ", ""), str(e))
+                self._counter.count(response.status)
                 self._send(conn, response, "HTTP/1.1", keep_alive=False)
                 return
             if request is None:
@@ -262,6 +294,7 @@ class Server:
                     "PayloadTooLarge",
                     f"body of {request.body_length} bytes over the limit of {self._max_body}",
                 )
+                self._counter.count(response.status)
                 self._send(conn, response, request.version, keep_alive=False)
                 self._drain(conn, request.body_length - len(buf))
                 return
@@ -276,6 +309,8 @@ class Server:
             body = bytes(buf[: request.body_length])
             del buf[: request.body_length]
             response = self._dispatch(request, body)
+            if request.path.partition("?")[0] != STATUS_PATH:
+                self._counter.count(response.status)
             keep_alive = _wants_keep_alive(request) and not self._stop.is_set()
             self._send(conn, response, request.version, keep_alive=keep_alive)
             if response.fatal:
@@ -322,13 +357,30 @@ class Server:
         return _Request(method, target, version, headers, int(length_text))
 
     def _dispatch(self, request: _Request, body: bytes) -> Response:
+        path = request.path.partition("?")[0]
+        if path == STATUS_PATH:
+            if request.method != "GET":
+                return _error(405, "MethodNotAllowed", f"{request.method} not allowed: use GET")
+            return self._answer_status()
         if request.method != "POST":
             return _error(405, "MethodNotAllowed", f"{request.method} not allowed: use POST")
-        path = request.path.partition("?")[0]
         parts = path.split("/")
         if len(parts) != 3 or parts[0] or not parts[1] or not parts[2]:
             return _error(404, "NotFound", f"no function at {path[:200]!r}: use /MODULE/FUNCTION")
         return self._app.call(parts[1], parts[2], body)
+
+    def _answer_status(self) -> Response:
+        if self._status is None:
+            return _error(404, "NotFound", "no status here")
+        try:
+            document = self._status()
+            return Response(200, json.dumps(document, allow_nan=False).encode())
+        except Exception as e:  # noqa: BLE001 - answered, and the worker serves on
+            if _needs_recovery(e):
+                logger.error("%s: %s: %s", STATUS_PATH, type(e).__name__, e)
+                return _error(503, type(e).__name__, str(e), fatal=True)
+            logger.warning("%s failed: %s: %s", STATUS_PATH, type(e).__name__, e, exc_info=True)
+            return _error(500, type(e).__name__, str(e))
 
     @staticmethod
     def _send(conn: socket.socket, response: Response, version: str, *, keep_alive: bool) -> None:

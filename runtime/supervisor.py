@@ -32,6 +32,12 @@ fails to import) stops the node instead of crash-looping; a worker whose heartbe
 (escalating to SIGKILL at the deadline), a second SIGINT at once; SIGHUP reloads the config and
 the modules by starting a new generation of workers on the same sockets and retiring the old
 one only when the new one serves.
+
+Live status: each worker holds a slot (0..workers-1) of its cage; the supervisor counts the
+restarts of each slot and, whenever its set of live workers changes, rewrites the cage's
+`cage.json` under `<data_dir>/run/` (in the loop, one small atomic write: no thread). Workers
+write their own figures next to it; `GET /_status` and `pmnc-runtime status` combine them
+(`status.py` says why files).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ import multiprocess
 import multiprocess.process
 from pmnc.safe import SafeError, prepare
 
-from . import logs, worker
+from . import logs, status, worker
 from .config import CageConfig, ConfigError, HttpAddress, NodeConfig, load_config
 from .logs import logger
 
@@ -96,6 +102,7 @@ class _Cage:
     modules: tuple[str, ...]
     safe_dirs: tuple[Path, ...]
     listener: socket.socket | None
+    run_dir: Path  # where its live status reports go
     failures: int = 0  # crashes in a row, for the backoff
     restart_at: float | None = None  # when to fork the missing workers
     down_since: float | None = None  # the crash the cage is recovering from
@@ -113,6 +120,8 @@ class _Worker:
     process: Any  # multiprocess.Process, kept for its descriptors' lifetime
     report_fd: int
     last_beat: float
+    slot: int
+    started: float  # wall-clock time of the fork, for the status's uptime
     ready: bool = False
     stop_deadline: float | None = None  # SIGTERM sent: must be gone by then
     kill_reason: str | None = None  # why the supervisor SIGKILLed it
@@ -125,6 +134,13 @@ class _Reload:
     config: NodeConfig
     cages: dict[str, _Cage]
     new_listeners: list[socket.socket] = field(default_factory=list)
+
+
+def _clear_reports(directory: Path) -> None:
+    """Remove status reports a previous run of the node left (it was killed: nobody cleaned)."""
+    for path in [*directory.glob("*.json"), *directory.glob(".*.tmp")]:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _describe_exit(code: int, kill_reason: str | None) -> str:
@@ -161,6 +177,10 @@ class Supervisor:
         self._exit_code = 0
         self._announced = False
         self._reload: _Reload | None = None
+        self._restarts: dict[tuple[str, int], int] = {}  # (cage, slot) -> workers replaced
+        self._status_dirty = False  # the set of live workers changed since the last cage.json
+        self._status_files: set[Path] = set()  # cage.json files written, removed at exit
+        self._status_failing = False
         self._dispatch: dict[int, Callable[[], None]] = {
             signal.SIGTERM: self._on_sigterm,
             signal.SIGINT: self._on_sigint,
@@ -178,10 +198,13 @@ class Supervisor:
         except (SafeError, OSError) as e:
             logger.error("cannot start: %s", e)
             return EXIT_FAILED
+        for cage in self._cages.values():
+            _clear_reports(cage.run_dir)  # left by a node that was killed
         self._install_signals()
         try:
             for cage in self._cages.values():
                 self._fill(cage)
+            self._write_status()  # before any worker can answer /_status
             while self._workers or not self._stopping:
                 self._tick()
         finally:
@@ -189,6 +212,9 @@ class Supervisor:
             for cage in self._cages.values():
                 if cage.listener is not None:
                     cage.listener.close()
+            for path in self._status_files:
+                with contextlib.suppress(OSError):
+                    path.unlink()
         logger.info("stopped (exit status %d)", self._exit_code)
         return self._exit_code
 
@@ -213,7 +239,9 @@ class Supervisor:
                 elif cage_cfg.http is not None:
                     listener = bind(cage_cfg.http)
                     bound.append(listener)
-                cages[cage_cfg.name] = _Cage(cage_cfg, modules, dirs, listener)
+                reports = status.run_dir(config, cage_cfg.name)
+                reports.mkdir(parents=True, exist_ok=True)
+                cages[cage_cfg.name] = _Cage(cage_cfg, modules, dirs, listener, reports)
                 logger.info(
                     "cage %s: %d module(s) %s, safes ready in %.3f s",
                     cage_cfg.name,
@@ -258,6 +286,8 @@ class Supervisor:
         self._check_liveness(now)
         self._start_due(now)
         self._check_ready(now)
+        if self._status_dirty:
+            self._write_status()
 
     def _timeout(self) -> float:
         """Sleep until the next deadline the loop must act on, TICK at most."""
@@ -281,6 +311,7 @@ class Supervisor:
             w.last_beat = time.monotonic()
             if line == b"ready":
                 w.ready = True
+                self._status_dirty = True
             elif line.startswith(b"boot-error "):
                 w.boot_error = line[len(b"boot-error ") :].decode(errors="replace")
 
@@ -298,6 +329,13 @@ class Supervisor:
 
     def _forget(self, w: _Worker) -> None:
         self._workers.pop(w.pid, None)
+        self._status_dirty = True
+        with contextlib.suppress(OSError):
+            (w.cage.run_dir / f"{w.pid}.json").unlink()
+        if w.stop_deadline is None and not self._stopping:
+            # Not asked to stop: its slot is refilled (at once, after a backoff or a recovery).
+            key = (w.cage.name, w.slot)
+            self._restarts[key] = self._restarts.get(key, 0) + 1
         with contextlib.suppress(OSError):
             while True:  # the last lines it wrote, e.g. its boot error
                 data = os.read(w.report_fd, 65536)
@@ -422,13 +460,14 @@ class Supervisor:
 
     def _fill(self, cage: _Cage) -> None:
         """Fork workers until `cage` has as many running (not stopping) as configured."""
-        running = sum(
-            1 for w in self._workers.values() if w.cage is cage and w.stop_deadline is None
-        )
-        for _ in range(cage.config.workers - running):
-            self._spawn(cage)
+        taken = {
+            w.slot for w in self._workers.values() if w.cage is cage and w.stop_deadline is None
+        }
+        free = [slot for slot in range(cage.config.workers) if slot not in taken]
+        for slot in free[: max(0, cage.config.workers - len(taken))]:
+            self._spawn(cage, slot)
 
-    def _spawn(self, cage: _Cage) -> None:
+    def _spawn(self, cage: _Cage, slot: int) -> None:
         config = self._reload.config if self._reload and cage in self._reload.cages.values() else (
             self.config
         )  # fmt: skip
@@ -461,7 +500,56 @@ class Supervisor:
         # The supervisor reaps with waitpid(-1): multiprocess must not poll (and so reap) this
         # child behind its back, which it does for every known child on each start().
         multiprocess.process._children.discard(process)
-        self._workers[process.pid] = _Worker(process.pid, cage, process, report_r, time.monotonic())
+        self._workers[process.pid] = _Worker(
+            process.pid, cage, process, report_r, time.monotonic(), slot, time.time()
+        )
+        self._status_dirty = True
+
+    # -- live status ----------------------------------------------------------------------------
+
+    def _write_status(self) -> None:
+        """Rewrite each cage's `cage.json`: which workers are live, since when, restarts."""
+        self._status_dirty = False
+        cages = {c.run_dir: c for c in self._generations()}  # a reloaded cage: the newer one
+        live: dict[Path, list[dict[str, object]]] = {d: [] for d in cages}
+        for w in sorted(self._workers.values(), key=lambda w: (w.slot, w.started)):
+            if w.stop_deadline is None and w.kill_reason is None and w.cage.run_dir in live:
+                live[w.cage.run_dir].append(
+                    {
+                        "pid": w.pid,
+                        "slot": w.slot,
+                        "started": w.started,
+                        "restarts": self._restarts.get((w.cage.name, w.slot), 0),
+                        "ready": w.ready,
+                    }
+                )
+        try:
+            for directory, cage in cages.items():
+                path = directory / status.CAGE_FILE
+                address = cage.config.http
+                status.write_json(
+                    path,
+                    {
+                        "node": self.config.node,
+                        "cage": cage.name,
+                        "address": None if address is None else str(address),
+                        "supervisor_pid": os.getpid(),
+                        "workers": live[directory],
+                    },
+                )
+                self._status_files.add(path)
+            gone = self._status_files - {d / status.CAGE_FILE for d in cages}
+            for path in gone:
+                with contextlib.suppress(OSError):
+                    path.unlink()  # a cage a reload removed
+            self._status_files -= gone
+        except OSError as e:
+            if not self._status_failing:
+                logger.warning("cannot write the cages' status: %s", e)
+            self._status_failing = True
+            self._status_dirty = True  # try again next tick
+        else:
+            self._status_failing = False
 
     # -- liveness and readiness ---------------------------------------------------------------
 
@@ -562,6 +650,7 @@ class Supervisor:
             cage.up_since = time.monotonic()
         self.config = reload.config
         self._cages = reload.cages
+        self._status_dirty = True
         logger.info("reloaded: %s", self._describe_cages(self._cages.values()))
 
     def _abort_reload(self) -> None:

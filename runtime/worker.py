@@ -11,7 +11,9 @@ EXIT_NEEDS_RECOVERY a worker that left without closing its safes (a safe panicke
 were still running at the deadline): like a crash, its cage must be recovered.
 
 The worker talks to the supervisor over one pipe, one line per message: `ready`, `beat`, and
-`boot-error <why>` before an EXIT_BOOT_FAILED exit.
+`boot-error <why>` before an EXIT_BOOT_FAILED exit. Its live figures (requests, safe stats) go
+to a file its main thread rewrites about once a second next to the heartbeat (see `status.py`),
+which every worker of the cage reads to answer `GET /_status`.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from queue import SimpleQueue
 
 from pmnc.safe import Safe, SafeError, SafeNeedsRecoveryError
 
-from . import logs
+from . import logs, status
 from .config import CageConfig, NodeConfig
-from .http import Application, Server
+from .http import Application, RequestCounter, Server
 from .logs import logger
 from .modules import AppModule, ModuleLoadError, load_module
 
@@ -78,6 +80,8 @@ class _Worker:
         self.ppid = os.getppid()
         self.signals: SimpleQueue[int] = SimpleQueue()
         self.safes: list[Safe] = []
+        self.reporter: status.Reporter | None = None
+        self.report_failing = False
 
     def run(self) -> int:
         self._reset_process_state()
@@ -92,6 +96,12 @@ class _Worker:
             logger.error("cannot boot: %s", e, exc_info=isinstance(e, ModuleLoadError))
             self._report(f"boot-error {e}".replace("\n", " "))
             return EXIT_BOOT_FAILED if self._close_safes() else EXIT_NEEDS_RECOVERY
+        counter = RequestCounter()
+        directory = status.run_dir(self.cfg, self.spec.cage.name)
+        reporter = status.Reporter(
+            directory, dict(zip(self.spec.modules, self.safes, strict=True)), counter.snapshot
+        )
+        self.reporter = reporter
         server = None
         if self.spec.listener is not None:
             server = Server(
@@ -100,13 +110,17 @@ class _Worker:
                 threads=self.spec.cage.threads,
                 max_body=self.cfg.max_body,
                 on_fatal=lambda: os._exit(EXIT_NEEDS_RECOVERY),
+                status=lambda: status.cage_status(directory, live=reporter.collect()),
+                counter=counter,
             )
             server.start()
+        self._publish()
         self._report("ready")
         logger.info(
             "serving: %d module(s) ready in %.3f s", len(modules), time.monotonic() - booting
         )
         self._serve_until_stopped()
+        reporter.remove()
         if server is not None:
             server.stop()
             busy = server.join(time.monotonic() + self.cfg.graceful_timeout)
@@ -166,6 +180,24 @@ class _Worker:
             if os.getppid() != self.ppid or not self._report("beat"):
                 logger.warning("the supervisor is gone: stopping")
                 return
+            if self.reporter is not None and self.reporter.due():
+                self._publish()
+
+    def _publish(self) -> None:
+        """Write this worker's figures for `/_status`; a failure only costs fresh figures."""
+        if self.reporter is None:
+            return
+        try:
+            self.reporter.publish()
+        except SafeNeedsRecoveryError as e:
+            logger.error("reading a safe's stats: %s", e)
+            os._exit(EXIT_NEEDS_RECOVERY)  # the rule for a panicked safe: leave, touch nothing
+        except (SafeError, OSError) as e:
+            if not self.report_failing:  # once per run of failures, not once a second
+                logger.warning("cannot write the status report %s: %s", self.reporter.path, e)
+            self.report_failing = True
+        else:
+            self.report_failing = False
 
     def _report(self, message: str) -> bool:
         """Send one line to the supervisor; False if it is gone."""

@@ -1,0 +1,369 @@
+"""Live figures of a running node: what `GET /_status` and `pmnc-runtime status` show.
+
+Design: small JSON files in one directory per cage, `<data_dir>/run/<node>.<cage>/`.
+
+- `cage.json`, written by the supervisor whenever its set of workers changes: node, cage,
+  address, its own pid, and per live worker its pid, slot, start time, restarts of that slot.
+  Only the supervisor knows restarts and which pids are live, and it writes synchronously in its
+  loop: no thread, nothing new to poll, so it stays single-threaded and safe to fork.
+- `<pid>.json`, written by each worker's main thread about once a second (next to its
+  heartbeat): requests served by status class and, per module safe, `Safe.stats()` plus ops/s
+  from the counter deltas since its previous report.
+
+Every write is a temporary file then `os.replace`, so a reader sees a whole old or a whole new
+report, never a torn one. Why files rather than the worker pipes: `/_status` is answered by
+whichever worker accepts the connection, and that worker must see its siblings' figures; over
+the pipes it would need a request/answer protocol through the supervisor (and the supervisor a
+way to answer while it forks and reaps). A file is readable by every worker, by the CLI for a
+cage without HTTP, and by an operator with `cat`, and it costs each worker one small write a
+second. The answering worker uses its own live figures; its siblings' are at most about a
+second old (each carries `report_age_s`). Counters are per process: a restarted worker starts
+from zero.
+
+Aggregation over a cage's live workers: counts and rates are summed; per operation p50 is the
+median of the workers' p50 and p99 the worst (largest) of their p99; environment-wide figures
+(log size, last checkpoint, cache hit ratio: one shared Berkeley DB region) come from the most
+recent report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pmnc.safe import Safe
+
+from .config import NodeConfig
+from .http import STATUS_PATH
+
+__all__ = [
+    "CAGE_FILE",
+    "REPORT_INTERVAL",
+    "STATUS_PATH",
+    "NotRunningError",
+    "Reporter",
+    "aggregate",
+    "cage_status",
+    "read_json",
+    "render",
+    "run_dir",
+    "write_json",
+]
+
+CAGE_FILE = "cage.json"
+REPORT_INTERVAL = 1.0  # seconds between a worker's reports
+STATUS_CLASSES = ("2xx", "4xx", "5xx")  # what the server answers (no 1xx or 3xx)
+
+
+class NotRunningError(Exception):
+    """No live supervisor reports for this cage: the node is not running."""
+
+
+def run_dir(config: NodeConfig, cage: str) -> Path:
+    """Where a cage's live reports are: `<data_dir>/run/<node>.<cage>/`."""
+    return config.data_dir / "run" / f"{config.node}.{cage}"
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Replace `path` atomically (readers never see half a file); OSError if it cannot."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, separators=(",", ":")))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The report at `path`, or None if it is absent or unreadable (a worker just gone)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class Reporter:
+    """A worker's figures: `collect()` for any thread, `publish()` from the main thread.
+
+    `requests` returns the HTTP server's counters ({"requests": n, "responses": {class: n}}).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        safes: Mapping[str, Safe],
+        requests: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.path = directory / f"{os.getpid()}.json"
+        self._safes = dict(safes)
+        self._requests = requests
+        self._started = time.time()
+        # (when, total ops per module) of the last report: ops/s is the delta since then.
+        self._baseline: tuple[float, dict[str, int]] = (time.monotonic(), {})
+        self._rates: dict[str, float] = {}
+        self._last_publish = 0.0
+
+    def collect(self) -> dict[str, Any]:
+        """This worker's report now; ops/s is the rate over the last reporting interval.
+
+        Raises SafeNeedsRecoveryError like any other call on a panicked safe.
+        """
+        safes: dict[str, Any] = {}
+        for name, safe in self._safes.items():
+            figures = safe.stats()
+            # Our own stats() calls are counted as operations: leave them out of the figures.
+            figures["ops"].pop("stats", None)
+            figures["latency"].pop("stats", None)
+            figures["ops_per_s"] = self._rates.get(name, 0.0)
+            safes[name] = figures
+        return {
+            "pid": os.getpid(),
+            "started": self._started,
+            "written": time.time(),
+            **self._requests(),
+            "safes": safes,
+        }
+
+    def due(self) -> bool:
+        # A little slack: the heartbeat loop wakes every second, give or take a millisecond.
+        return time.monotonic() - self._last_publish >= REPORT_INTERVAL - 0.05
+
+    def publish(self) -> None:
+        """Compute the rates since the last report and write this worker's file.
+
+        OSError if the file cannot be written; SafeError from the safes' stats.
+        """
+        now = time.monotonic()
+        report = self.collect()
+        then, before = self._baseline
+        totals = {name: sum(s["ops"].values()) for name, s in report["safes"].items()}
+        elapsed = max(now - then, 1e-3)
+        self._rates = {n: max(0, t - before.get(n, 0)) / elapsed for n, t in totals.items()}
+        for name, figures in report["safes"].items():
+            figures["ops_per_s"] = self._rates[name]
+        self._baseline = (now, totals)
+        self._last_publish = now
+        write_json(self.path, report)
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+# -- reading and aggregating --------------------------------------------------------------------
+
+
+def cage_status(directory: Path, *, live: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The `/_status` document of the cage whose reports are in `directory`.
+
+    `live` is the caller's own fresh report (a worker answering `/_status`), used instead of
+    its file. NotRunningError if the supervisor's file is missing or its pid is gone.
+    """
+    cage = read_json(directory / CAGE_FILE)
+    if cage is None:
+        raise NotRunningError(f"no live report in {directory}")
+    supervisor = cage.get("supervisor_pid")
+    if not isinstance(supervisor, int) or not _alive(supervisor):
+        raise NotRunningError(f"{directory / CAGE_FILE}: supervisor {supervisor} is gone")
+    reports: dict[int, dict[str, Any]] = {}
+    for w in cage.get("workers", []):
+        pid = w["pid"]
+        report = live if live is not None and live.get("pid") == pid else None
+        report = report or read_json(directory / f"{pid}.json")
+        if report is not None:
+            reports[pid] = dict(report)
+    status = aggregate(cage, reports, time.time())
+    if live is not None:
+        status["answered_by"] = live.get("pid")
+    return status
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def aggregate(
+    cage: Mapping[str, Any], reports: Mapping[int, Mapping[str, Any]], now: float
+) -> dict[str, Any]:
+    """Combine the supervisor's view of a cage with its workers' reports (pure: unit-tested).
+
+    Counts and rates: summed. Latency per operation: p50 the median of the workers' p50, p99 the
+    worst of their p99. Log size, checkpoint, cache hit ratio: from the most recent report.
+    """
+    workers = []
+    responses = dict.fromkeys(STATUS_CLASSES, 0)
+    for w in cage.get("workers", []):
+        report = reports.get(w["pid"], {})
+        counts = report.get("responses", {})
+        for k in STATUS_CLASSES:
+            responses[k] += counts.get(k, 0)
+        written = report.get("written")
+        workers.append(
+            {
+                "pid": w["pid"],
+                "slot": w.get("slot"),
+                "uptime_s": round(max(0.0, now - w["started"]), 3),
+                "restarts": w.get("restarts", 0),
+                "ready": w.get("ready", False),
+                "requests": report.get("requests", 0),
+                "responses": {k: counts.get(k, 0) for k in STATUS_CLASSES},
+                "report_age_s": None if written is None else round(max(0.0, now - written), 3),
+            }
+        )
+    names = sorted({name for r in reports.values() for name in r.get("safes", {})})
+    freshest = sorted(reports.values(), key=lambda r: r.get("written", 0.0), reverse=True)
+    safes = {name: _aggregate_safe(name, freshest, now) for name in names}
+    return {
+        "node": cage.get("node"),
+        "cage": cage.get("cage"),
+        "address": cage.get("address"),
+        "supervisor_pid": cage.get("supervisor_pid"),
+        "time": now,
+        "requests": sum(w["requests"] for w in workers),
+        "responses": responses,
+        "workers": workers,
+        "safes": safes,
+    }
+
+
+def _aggregate_safe(name: str, reports: list[Mapping[str, Any]], now: float) -> dict[str, Any]:
+    figures = [r["safes"][name] for r in reports if name in r.get("safes", {})]
+    ops: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    p50s: dict[str, list[float]] = {}
+    p99s: dict[str, list[float]] = {}
+    for f in figures:
+        for op, n in f.get("ops", {}).items():
+            ops[op] = ops.get(op, 0) + n
+        for op, n in f.get("errors", {}).items():
+            errors[op] = errors.get(op, 0) + n
+        for op, lat in f.get("latency", {}).items():
+            p50s.setdefault(op, []).append(lat["p50_ms"])
+            p99s.setdefault(op, []).append(lat["p99_ms"])
+    latest = figures[0]  # reports come freshest first: environment-wide figures
+    checkpoint = latest.get("last_checkpoint") or 0
+    return {
+        "ops_per_s": round(sum(f.get("ops_per_s", 0.0) for f in figures), 3),
+        "ops": ops,
+        "latency": {
+            op: {
+                "p50_ms": round(statistics.median(p50s[op]), 3),
+                "p99_ms": round(max(p99s[op]), 3),
+            }
+            for op in sorted(p50s)
+        },
+        "retries": sum(f.get("retries", 0) for f in figures),
+        "errors": errors,
+        "log_bytes": latest.get("log_bytes"),
+        "last_checkpoint_age_s": round(max(0.0, now - checkpoint), 1) if checkpoint else None,
+        "cache_hit_ratio": latest.get("cache_hit_ratio"),
+    }
+
+
+# -- rendering ----------------------------------------------------------------------------------
+
+
+def render(status: Mapping[str, Any]) -> str:
+    """A cage's status as readable tables (what `pmnc-runtime status` prints)."""
+    address = status.get("address")
+    where = f"http://{address}" if address else "no http interface"
+    r = status.get("responses", {})
+    lines = [
+        f"cage {status.get('cage')} of node {status.get('node')} on {where}: "
+        f"supervisor {status.get('supervisor_pid')}, {len(status.get('workers', []))} worker(s), "
+        f"{status.get('requests', 0)} request(s) "
+        f"(2xx {r.get('2xx', 0)}, 4xx {r.get('4xx', 0)}, 5xx {r.get('5xx', 0)})",
+        "",
+    ]
+    rows = [["pid", "slot", "uptime", "restarts", "requests", "4xx", "5xx", "ready", "report"]]
+    for w in status.get("workers", []):
+        age = w.get("report_age_s")
+        rows.append(
+            [
+                str(w["pid"]),
+                str(w.get("slot")),
+                _duration(w.get("uptime_s")),
+                str(w.get("restarts", 0)),
+                str(w.get("requests", 0)),
+                str(w["responses"].get("4xx", 0)),
+                str(w["responses"].get("5xx", 0)),
+                "yes" if w.get("ready") else "no",
+                "none yet" if age is None else f"{age:.1f} s ago",
+            ]
+        )
+    lines += _table(rows)
+    safes: Mapping[str, Any] = status.get("safes", {})
+    if not safes:
+        lines += ["", "no safe reported yet"]
+        return "\n".join(lines)
+    rows = [["safe", "ops/s", "ops", "retries", "errors", "log", "checkpoint", "cache hit"]]
+    for name, s in safes.items():
+        ratio = s.get("cache_hit_ratio")
+        age = s.get("last_checkpoint_age_s")
+        rows.append(
+            [
+                name,
+                f"{s['ops_per_s']:.1f}",
+                str(sum(s["ops"].values())),
+                str(s["retries"]),
+                str(sum(s["errors"].values())),
+                _size(s.get("log_bytes")),
+                "never" if age is None else f"{_duration(age)} ago",
+                "-" if ratio is None else f"{100 * ratio:.1f}%",
+            ]
+        )
+    lines += ["", *_table(rows)]
+    rows = [["safe", "op", "count", "p50 ms", "p99 ms"]]
+    for name, s in safes.items():
+        for op, lat in s["latency"].items():
+            count = str(s["ops"][op]) if op in s["ops"] else "-"  # reads are counted as "read"
+            rows.append([name, op, count, f"{lat['p50_ms']:.3f}", f"{lat['p99_ms']:.3f}"])
+    if len(rows) > 1:
+        lines += ["", *_table(rows)]
+    return "\n".join(lines)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows]  # fmt: skip
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    return f"{hours // 24}d{hours % 24:02d}h"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
