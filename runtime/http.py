@@ -95,6 +95,8 @@ class Application:
             args = json.loads(body) if body.strip() else {}
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are ValueErrors
             return _error(400, type(e).__name__, str(e))
+        except RecursionError:  # "[" * 100000 fits in max_body: nesting is the client's fault
+            return _error(400, "RecursionError", "the JSON body is nested too deeply")
         if not isinstance(args, dict):
             return _error(400, "TypeError", f"expected a JSON object, got {type(args).__name__}")
         try:
@@ -103,7 +105,9 @@ class Application:
             return _error(400, "TypeError", f"{module}.{function}(): {e}")
         try:
             result = fn(**args)
-        except Exception as e:  # noqa: BLE001 - whatever a module raises is answered, not fatal
+        except BaseException as e:  # noqa: BLE001 - whatever a module raises is answered:
+            # sys.exit(), KeyboardInterrupt or GeneratorExit from a module must not end the
+            # serving thread (the worker would go on with one thread fewer).
             if _needs_recovery(e):
                 logger.error("%s.%s: %s: %s", module, function, type(e).__name__, e)
                 return _error(503, type(e).__name__, str(e), fatal=True)
@@ -226,7 +230,7 @@ class Server:
                 self._serve(conn)
             except OSError:
                 pass  # the client went away; nothing to answer
-            except Exception:  # noqa: BLE001 - one bad connection must not end the thread
+            except BaseException:  # noqa: BLE001 - one bad connection must not end the thread
                 logger.exception("unexpected error serving a connection")
             finally:
                 conn.close()
@@ -375,7 +379,7 @@ class Server:
         try:
             document = self._status()
             return Response(200, json.dumps(document, allow_nan=False).encode())
-        except Exception as e:  # noqa: BLE001 - answered, and the worker serves on
+        except BaseException as e:  # noqa: BLE001 - answered, and the worker serves on
             if _needs_recovery(e):
                 logger.error("%s: %s: %s", STATUS_PATH, type(e).__name__, e)
                 return _error(503, type(e).__name__, str(e), fatal=True)

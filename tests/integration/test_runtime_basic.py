@@ -121,6 +121,49 @@ def test_http_errors_answer_json_and_the_worker_lives_on(
     assert node.stop() == 0
 
 
+QUITTER = """
+    import os
+    import sys
+
+    def leave():
+        sys.exit("bye")
+
+    def interrupt():
+        raise KeyboardInterrupt("ctrl-c")
+
+    def generator_exit():
+        raise GeneratorExit("closed")
+
+    def pid():
+        return os.getpid()
+"""
+
+
+def test_deep_json_and_base_exceptions_answer_and_the_only_thread_lives_on(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    """One worker with one thread: if any of these ended the thread, the next call would hang."""
+    modules = write_modules(tmp_path / "modules", {"quitter": QUITTER})
+    node = node_factory(modules, workers=1, threads=1).start()
+    client = Client(node.port, timeout=5.0)
+    pid = client.result("quitter", "pid")
+    for _ in range(3):  # more times than there are threads
+        status, answer = client.raw("/quitter/pid", b"[" * 100_000)  # under max_body (1 MiB)
+        assert status == 400, answer
+        assert answer["error"].startswith("RecursionError: "), answer
+        assert client.call("quitter", "leave") == (500, {"error": "SystemExit: bye"})
+        assert client.call("quitter", "interrupt") == (500, {"error": "KeyboardInterrupt: ctrl-c"})
+        assert client.call("quitter", "generator_exit") == (
+            500,
+            {"error": "GeneratorExit: closed"},
+        )
+    client.close()
+    fresh = Client(node.port, timeout=5.0, keep_alive=False)  # a new connection: accept works
+    assert fresh.result("quitter", "pid") == pid
+    fresh.close()
+    assert node.stop() == 0
+
+
 def test_concurrent_increments_over_http_are_exact(
     tmp_path: Path, node_factory: Callable[..., Node]
 ) -> None:
