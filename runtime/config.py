@@ -39,6 +39,13 @@ __all__ = [
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NAME_EXPECTED = "a name of 1 to 64 characters from [A-Za-z0-9_-]"
+# A module's name is the stem of its file: it is a URL path segment and part of its safe's
+# directory name, and a module is a Python module, so ASCII identifiers (64 characters at most).
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_MODULE_EXPECTED = (
+    "module file names matching [A-Za-z_][A-Za-z0-9_]* (ASCII Python identifiers) "
+    "of 1 to 64 characters, plus .py"
+)
 _HOSTNAME = re.compile(
     r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
@@ -160,11 +167,16 @@ class NodeConfig:
 
     def module_names(self, cage: CageConfig) -> list[str]:
         """The cage's application modules: sorted stems of its *.py files, minus private ones."""
-        return sorted(
-            p.stem
-            for p in cage.modules.iterdir()
-            if p.suffix == ".py" and not p.name.startswith("_") and p.is_file()
-        )
+        return sorted(p.stem for p in _module_files(cage.modules))
+
+
+def _module_files(directory: Path) -> list[Path]:
+    """The files loaded as modules: *.py, not starting with "_" (private helpers)."""
+    return [
+        p
+        for p in directory.iterdir()
+        if p.suffix == ".py" and not p.name.startswith("_") and p.is_file()
+    ]
 
 
 def locate(cfg: NodeConfig, key: str) -> str:
@@ -519,6 +531,19 @@ def _read_modules(
     if not directory.is_dir():
         why = "is not a directory" if directory.exists() else "does not exist"
         reader.expected(entries["modules"], path, what, f"{text!r} ({directory} {why})")
+        return None
+    try:
+        files = _module_files(directory)
+    except OSError as e:
+        reader.expected(entries["modules"], path, what, f"{text!r} ({e.strerror or e})")
+        return None
+    # A module whose name cannot be a URL segment and a safe's name would load but never be
+    # reachable: refuse it before anything starts, every such file at once.
+    bad = sorted(p.name for p in files if not _MODULE.fullmatch(p.stem))
+    if bad:
+        shown = ", ".join(repr(name) for name in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        reader.expected(entries["modules"], path, _MODULE_EXPECTED, f"{shown}{more} in {directory}")
         return None
     return directory
 

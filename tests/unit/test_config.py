@@ -214,6 +214,25 @@ def test_safe_dir_and_module_names(node_dir: Path) -> None:
     assert cfg.safe_dir("c", "a") == node_dir / "var" / "safe" / "n1.c.a"
 
 
+def test_module_file_names_that_no_url_could_reach_are_refused_at_load(node_dir: Path) -> None:
+    mods = node_dir / "modules"
+    longest = "m" * 64
+    for name in ("ok.py", "Mixed_9.py", f"{longest}.py", "_private helper.py", "notes me.txt"):
+        (mods / name).write_text("")
+    assert load_config(write(node_dir, MINIMAL)).module_names  # all of those are fine
+    for name in ("my mod.py", "caf\u00e9.py", "1st.py", "a-b.py", f"{longest}m.py"):
+        (mods / name).write_text("")
+    path = write(node_dir, MINIMAL)
+    expected = (
+        f"{path}:4: cages[0].modules: expected module file names matching [A-Za-z_][A-Za-z0-9_]* "
+        "(ASCII Python identifiers) of 1 to 64 characters, plus .py, got "
+        f"'1st.py', 'a-b.py', 'caf\u00e9.py', {longest + 'm.py'!r}, 'my mod.py' in {mods}"
+    )
+    assert one_error(path) == expected
+    result = check(path)  # `pmnc-runtime check` says the same
+    assert (result.returncode, result.stderr) == (2, expected + "\n")
+
+
 def test_the_sample_config_loads() -> None:
     cfg = load_config(REPO / "config" / "node.yaml")
     assert cfg.node == "node1"
