@@ -6,8 +6,11 @@ What an operator needs on the day something goes wrong. Rules every command keep
   data and placeholders), dumped and loaded as the stored pickles, unless `--trust` is given.
 - It never creates a safe, except `load` and `restore` for their target: a path is only opened
   once it holds a safe's data file, because opening a directory creates environment files there.
-- It opens a safe in use with `recover=False`: a running node's supervisor owns recovery, and
-  a tool that recovered behind its back would force every worker to restart.
+- It joins a safe in use like any other process (`recover=False`: recovery is never run under
+  processes that use the safe; the node's supervisor owns it). Joining is not isolation: if a
+  tool is killed (kill -9) while joined, the node's workers meet a dead registrant and the
+  supervisor recovers the cage, restarting its workers (nothing acknowledged is lost). Let a
+  tool finish, or stop it with Ctrl-C, which closes the safe cleanly.
 - Success is exit 0; any failure is one line on stderr naming the path and the reason.
 
 Exit codes (runtime/cli.py's scheme): 0 ok; 1 a missing key, or `verify` found the database
@@ -171,9 +174,14 @@ def _require_safe(path: str | os.PathLike[str]) -> Path:
 
 
 def _open(path: Path, **options: Any) -> Safe:
-    """Open without recovery while any process uses the safe: a live node's supervisor owns
-    that, and recovering under its workers would panic them. A safe nobody uses may need it
-    just to open (fresh regions after `restore` or a reboot), and then nobody is disturbed."""
+    """Join the safe like another process; recover only if nobody uses it.
+
+    Recovery under live processes is forbidden (they would keep running in the removed region),
+    so a safe in use is joined without it: the supervisor of a running node owns recovery. A
+    safe nobody uses may need recovery just to open (fresh regions after `restore` or a reboot).
+    Joining does not shield the node: a tool killed while joined leaves a dead registrant, which
+    the node's workers detect; the supervisor then recovers the cage (nothing acknowledged is
+    lost, requests in flight on that cage fail)."""
     return Safe.open(path, recover=not safe_users(path), **options)
 
 
@@ -426,6 +434,18 @@ def _backup(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
+    """Onto a new path, an empty directory or a stopped safe: never over anything else, which
+    restore would replace whole (and delete)."""
+    target = Path(args.safe)
+    if target.exists() or target.is_symlink():
+        if not target.is_dir():
+            raise CommandError(target, "restore refused: not a directory (give a safe's directory)")
+        if any(target.iterdir()) and not (target / DATA_FILE).is_file():
+            raise CommandError(
+                target,
+                f"restore refused: not a safe (no {DATA_FILE}) and not empty: "
+                "give a new path, an empty directory or an existing safe",
+            )
     count = safe_restore(args.backup, args.safe)
     print(f"{args.safe}: restored {count} keys from {args.backup}")
     return OK
@@ -433,10 +453,10 @@ def _restore(args: argparse.Namespace) -> int:
 
 def _recover(args: argparse.Namespace) -> int:
     path = _require_safe(args.safe)
-    pids = safe_users(path)
-    if pids:
-        raise CommandError(path, f"recover refused: in use by pid {_pids(pids)} (stop them first)")
-    seconds = safe_recover(path, catastrophic=args.catastrophic)
+    try:  # pmnc.safe checks the users itself, just before recovering
+        seconds = safe_recover(path, catastrophic=args.catastrophic)
+    except SafeBusyError as e:
+        raise CommandError(path, f"recover refused: {e.why} (stop them first)") from e
     kind = "catastrophic recovery" if args.catastrophic else "recovery"
     print(f"{path}: {kind} done in {seconds:.2f}s")
     return OK

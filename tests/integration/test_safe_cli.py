@@ -305,6 +305,31 @@ def test_backup_during_writes_restores_every_write_acknowledged_before_it(tmp_pa
         assert all(safe[k] == {"i": int(k[1:])} for k in acknowledged[-10:])
 
 
+def test_restore_refuses_a_target_that_is_not_a_safe_and_not_empty(tmp_path: Path) -> None:
+    """restore replaces its target whole: a user's directory (or file) must never be it."""
+    make_safe(tmp_path / "s", {"k": 1})
+    assert cli("backup", tmp_path / "s", tmp_path / "b").returncode == 0
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "precious.txt").write_text("keep me")
+    note = tmp_path / "note.txt"
+    note.write_text("keep me too")
+    before = sorted(tmp_path.rglob("*"))
+    for target, why in ((docs, "not a safe"), (note, "not a directory")):
+        result = cli("restore", tmp_path / "b", target)
+        assert result.returncode == 3
+        assert f"restore refused: {why}" in one_error_line(result, target)
+    assert sorted(tmp_path.rglob("*")) == before
+    assert (docs / "precious.txt").read_text() == "keep me"
+    assert note.read_text() == "keep me too"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for target in (empty, tmp_path / "s", tmp_path / "new"):  # empty, a stopped safe, new
+        result = cli("restore", tmp_path / "b", target)
+        assert result.returncode == 0, result.stderr
+        assert cli("get", target, "k").stdout == b"1\n"
+
+
 # -- every error: one line naming the path, nothing created ---------------------------------------
 
 
