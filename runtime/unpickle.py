@@ -132,10 +132,24 @@ def _encode(text: Any, encoding: str = "utf-8") -> bytes:
 
 class _TzTolerant:
     """datetime/time whose tzinfo is a placeholder (pytz, dateutil): the constructor refuses a
-    tzinfo of another class, so the whole value becomes a placeholder instead of an error."""
+    tzinfo of another class, so the whole value becomes a placeholder instead of an error.
+
+    Immutable: one instance serves every load in the process, and a pickle can apply BUILD to
+    whatever a global names (`GLOBAL datetime datetime` then state `{"target": list}`), which
+    would change how every later value decodes. No `__dict__`, and setting an attribute raises.
+    """
+
+    __slots__ = ("target",)
+    target: type
 
     def __init__(self, target: type) -> None:
-        self.target = target
+        object.__setattr__(self, "target", target)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise pickle.UnpicklingError(f"{self!r} is read-only: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise pickle.UnpicklingError(f"{self!r} is read-only: cannot delete {name!r}")
 
     def __call__(self, *args: Any) -> Any:
         if any(isinstance(a, Opaque) for a in args):

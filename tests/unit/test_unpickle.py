@@ -180,3 +180,26 @@ def test_an_unknown_tzinfo_keeps_the_datetime_as_a_placeholder() -> None:
 def test_damaged_pickles_raise_undecodable(data: bytes) -> None:
     with pytest.raises(UndecodableError):
         loads(data)
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        b"}X\x06\x00\x00\x00targetcbuiltins\nlist\ns",  # BUILD with a __dict__ state
+        b"N}X\x06\x00\x00\x00targetcbuiltins\nlist\ns\x86",  # BUILD with (None, slot state)
+    ],
+    ids=["dict-state", "slot-state"],
+)
+@pytest.mark.parametrize("name", ["datetime", "time"])
+def test_a_pickle_cannot_build_state_into_the_shared_datetime_constructors(
+    name: str, state: bytes
+) -> None:
+    """GLOBAL datetime.<name> resolves to a guard shared by every load in the process: a BUILD
+    on it is refused, and later values still decode as they should."""
+    attack = b"\x80\x04cdatetime\n" + name.encode() + b"\n" + state + b"b."
+    with pytest.raises(UndecodableError):
+        loads(attack)
+    stamp = datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+    assert loads(pickle.dumps(stamp, 5)) == stamp
+    assert loads(pickle.dumps(stamp.timetz(), 5)) == stamp.timetz()
+    assert loads(pickle.dumps(stamp, 2)) == stamp
