@@ -218,8 +218,19 @@ class Supervisor:
         logger.info("stopped (exit status %d)", self._exit_code)
         return self._exit_code
 
-    def _prepare_cages(self, config: NodeConfig, current: dict[str, _Cage]) -> dict[str, _Cage]:
-        """Prepare every safe and bind every new listening socket of `config`.
+    def _prepare_cages(
+        self,
+        config: NodeConfig,
+        current: dict[str, _Cage],
+        in_use: frozenset[Path] = frozenset(),
+    ) -> dict[str, _Cage]:
+        """Prepare every safe not `in_use` and bind every new listening socket of `config`.
+
+        `prepare()` opens with DB_RECOVER: it must never run on a safe a worker still has open
+        (or a worker that died but is not reaped yet had open). Recovery under a live process
+        leaves it running in the removed region (berkeleydb.md Q1, Q4), and prepare has no lock
+        timeout, so this single-threaded loop could hang on a live worker's lock. A safe in use
+        was prepared before its workers were forked, so there is nothing to do for it.
 
         Listening sockets of `current` cages with an unchanged address are reused, so a reload
         never closes a socket clients are connecting to. Raises SafeError or OSError, having
@@ -231,7 +242,8 @@ class Supervisor:
             for cage_cfg in config.cages:
                 modules = tuple(config.module_names(cage_cfg))
                 dirs = tuple(config.safe_dir(cage_cfg.name, m) for m in modules)
-                spent = sum(prepare(d) for d in dirs)
+                todo = [d for d in dirs if d not in in_use]
+                spent = sum(prepare(d) for d in todo)
                 old = current.get(cage_cfg.name)
                 listener = None
                 if old is not None and old.config.http == cage_cfg.http:
@@ -242,12 +254,14 @@ class Supervisor:
                 reports = status.run_dir(config, cage_cfg.name)
                 reports.mkdir(parents=True, exist_ok=True)
                 cages[cage_cfg.name] = _Cage(cage_cfg, modules, dirs, listener, reports)
+                skipped = len(dirs) - len(todo)
                 logger.info(
-                    "cage %s: %d module(s) %s, safes ready in %.3f s",
+                    "cage %s: %d module(s) %s, safes ready in %.3f s%s",
                     cage_cfg.name,
                     len(modules),
                     ", ".join(modules) or "-",
                     spent,
+                    f" ({skipped} already open in running workers)" if skipped else "",
                 )
         except BaseException:
             for sock in bound:
@@ -395,7 +409,14 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(v.pid, signal.SIGKILL)
         for v in victims:
-            # SIGKILL cannot be caught, so this wait is short; other children stay queued.
+            # A blocking wait, on purpose. SIGKILL cannot be caught, so it is short, except for
+            # a worker in uninterruptible sleep (D state: a hung disk or NFS), which still holds
+            # its mappings and its DB_REGISTER slot until it is really gone. Recovering before
+            # that would recover under a live process (berkeleydb.md Q1, Q4), and this cage
+            # cannot serve again until it is recovered anyway. A bounded wait would only let
+            # the other cages go on meanwhile, at the price of a "recovery pending" state that
+            # every path (reload, stop, a second crash) must respect; not worth it so far.
+            # Other children stay queued for the reap loop.
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(v.pid, 0)
             self._forget(v)
@@ -468,6 +489,13 @@ class Supervisor:
             self._spawn(cage, slot)
 
     def _spawn(self, cage: _Cage, slot: int) -> None:
+        # Never fork a threaded process: a lock held by another thread at fork time stays
+        # locked forever in the child. An explicit check, not an assert (stripped under -O).
+        threads = threading.active_count()
+        if threads != 1:
+            raise RuntimeError(
+                f"the supervisor must stay single-threaded to fork workers: {threads} threads"
+            )
         config = self._reload.config if self._reload and cage in self._reload.cages.values() else (
             self.config
         )  # fmt: skip
@@ -485,9 +513,6 @@ class Supervisor:
             report_fd=report_w,
             inherited_fds=tuple(inherited),
         )
-        # Never fork a threaded process (concurrent.futures.process asserts the same): a lock
-        # held by another thread at fork time stays locked forever in the child.
-        assert threading.active_count() == 1, "the supervisor must stay single-threaded"
         sys.stdout.flush()
         sys.stderr.flush()
         process = self._ctx.Process(
@@ -616,6 +641,11 @@ class Supervisor:
         if self._reload is not None:
             logger.warning("SIGHUP: a reload is already in progress")
             return
+        # A worker that died unasked is handled first, by the usual path (kill the rest of its
+        # cage, reap, recover): the safes it had open must not be touched before that.
+        self._reap()
+        if self._stopping:
+            return  # reaping found a worker that cannot boot: the node is stopping
         logger.info("SIGHUP: reloading %s", self.config.file)
         try:
             config = load_config(self.config.file)
@@ -624,8 +654,11 @@ class Supervisor:
                 logger.error("%s", line)
             logger.error("reload refused: the config does not validate; still running the old one")
             return
+        # Every worker not reaped yet counts, live or not: one that dies after the _reap()
+        # above is still here, and its safes wait for the crash path.
+        in_use = frozenset(d for w in self._workers.values() for d in w.cage.safe_dirs)
         try:
-            cages = self._prepare_cages(config, self._cages)
+            cages = self._prepare_cages(config, self._cages, in_use)
         except (SafeError, OSError) as e:
             logger.error("reload refused: %s; still running the old config", e)
             return
@@ -711,6 +744,8 @@ class Supervisor:
                 os.kill(v.pid, signal.SIGKILL)
         dirs: set[Path] = set()
         for v in victims:
+            # Blocking, as in _crash: the safes are recovered below, which must wait until
+            # every process that had them open is gone (a D-state worker still has them).
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(v.pid, 0)
             self._forget(v)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import os
 import signal
 import threading
 import time
@@ -100,4 +101,41 @@ def test_sighup_applies_a_changed_config_and_a_new_module(
     while len(worker_pids(node.pid)) != 3 and time.monotonic() < deadline:
         time.sleep(0.05)  # the old generation is draining
     assert len(worker_pids(node.pid)) == 3
+    assert node.stop() == 0
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def test_sighup_while_a_dead_worker_is_unreaped_recovers_first_then_reloads(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    """SIGHUP and SIGCHLD pending together: SIGHUP is dispatched first (lower number). The dead
+    worker's safes must go through kill-the-cage-then-recover before the reload touches them,
+    never be recovered by the reload under the surviving worker."""
+    directory = write_modules(tmp_path / "modules", {"app": VERSION.format(n=1)})
+    node = node_factory(directory, workers=2, threads=2).start()
+    victim, survivor = worker_pids(node.pid)
+    (directory / "app.py").write_text(VERSION.format(n=2))
+    mark = node.log_size()
+    node.signal(signal.SIGSTOP)  # the supervisor cannot reap while stopped
+    try:
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not _zombie(victim) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _zombie(victim)
+        node.signal(signal.SIGHUP)
+    finally:
+        node.signal(signal.SIGCONT)
+    text = node.wait_log("reloaded", 15, since=mark)
+    crash = text.index(f"worker {victim} killed by SIGKILL")
+    assert crash < text.index("SIGHUP: reloading"), text
+    assert "reload abandoned" not in text
+    assert not {victim, survivor} & set(worker_pids(node.pid))
+    assert once(node.port, "app", "version") == 2
     assert node.stop() == 0
