@@ -3,8 +3,8 @@
 One safe is one directory holding one Berkeley DB environment and one B-tree database. This
 module owns everything that touches them: flags, opening, recovery, the retry funnel through which
 every operation passes, error translation, the per-process maintenance thread, and the rules for
-handles across fork(). What it relies on was measured (../shared/notes/berkeleydb.md) and is
-proven again by tests/unit/test_env_facts.py:
+handles across fork(). What it relies on was measured (shared/notes/berkeleydb.md in the project's
+notes) and is proven again by the tests under tests/integration/test_safe_*.py:
 
 - DB_REGISTER allows one DBEnv per process per environment, so a process keeps one
   `Environment` per directory in `_registry`, shared by every `Safe` opened on that path.
@@ -91,6 +91,12 @@ LATENCY_SAMPLES = 2048
 RECOVERY_CACHE_SIZE = 32 << 20
 # One plain read in this many is timed (and counted by `call`); the others are only counted.
 READ_SAMPLE_EVERY = 16
+
+# What to do about an environment that needs recovery, in every message that says so.
+RECOVERY_TODO = (
+    "under pmnc-runtime the supervisor recovers it; standalone, exit every process using it: "
+    "the next one to open it recovers it"
+)
 
 _RETRYABLE = (db.DBLockDeadlockError, db.DBLockNotGrantedError)
 
@@ -188,8 +194,7 @@ def _open_env(
         gbytes, nbytes, _ = env.get_cachesize()  # the region creator's, whatever we asked
         _reserve_regions(path, (gbytes << 30) + nbytes)
     except (db.DBError, OSError) as e:
-        with contextlib.suppress(db.DBError):
-            env.close()
+        _close_env(env, e)
         raise translate(path, "open the environment", e) from e
     return env
 
@@ -198,6 +203,16 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # Blocks reserved past the end of each region file for its growth (more lockers, mutexes).
 REGION_HEADROOM = 2 << 20
 _FALLOC_FL_KEEP_SIZE = 1
+
+
+def _close_env(env: Any, failure: BaseException | None) -> None:
+    """Close a DBEnv on the way out of a failed or finished operation, unless it panicked:
+    closing a panicked environment was seen to spin forever, so it is pinned instead."""
+    if isinstance(failure, db.DBRunRecoveryError | SafeNeedsRecoveryError):
+        _pin(env)
+        return
+    with contextlib.suppress(db.DBError):
+        env.close()
 
 
 def _checkpoint_fully(env: Any) -> None:
@@ -309,8 +324,7 @@ def translate(path: Path, what: str, e: BaseException) -> SafeError:
             path,
             what,
             f"the environment needs recovery: {why}",
-            "under pmnc-runtime the supervisor recovers it; standalone, close it in every "
-            "process and open it again",
+            RECOVERY_TODO,
         )
     if isinstance(e, db.DBNoSpaceError) or code == errno.ENOSPC or "BDB3017" in why:
         return SafeNoSpaceError(
@@ -378,9 +392,8 @@ class Environment:
         )
         try:
             self._db = _open_db(path, self._env, create=create)
-        except SafeError:
-            with contextlib.suppress(db.DBError):
-                self._env.close()
+        except SafeError as e:
+            _close_env(self._env, e)
             raise
         # A second descriptor on DB_REGISTER's file, to see which registered processes died. It
         # is closed only after the environment: closing any descriptor of that file drops this
@@ -422,8 +435,7 @@ class Environment:
                         f"could not get the locks it needs within {options.timeout:g} s "
                         f"({attempt} attempts); a process may have died holding them and the "
                         "environment may need recovery",
-                        "under pmnc-runtime the supervisor recovers it; standalone, close it in "
-                        "every process and open it again",
+                        RECOVERY_TODO,
                     ) from e
                 time.sleep(random.uniform(0, min(BACKOFF_MAX_S, 0.001 * 2 ** min(attempt, 10))))
                 if self.closed or self.panicked:
@@ -469,8 +481,7 @@ class Environment:
                 self.path,
                 what,
                 f"the environment needs recovery ({self.panic_cause or 'it panicked earlier'})",
-                "under pmnc-runtime the supervisor recovers it; standalone, close it in every "
-                "process and open it again",
+                RECOVERY_TODO,
             )
 
     @contextlib.contextmanager
@@ -659,7 +670,7 @@ class Environment:
             except db.DBError as e:
                 log.warning("%s: maintenance: %s", self.path, e)
 
-    def _check_registrants(self) -> bool:
+    def _check_registrants(self) -> None:
         """Notice a registered process that died without closing: the environment needs recovery.
 
         Its locks and perhaps a region mutex stay held until recovery, and the next process to
@@ -675,11 +686,10 @@ class Environment:
         confirmed = dead & self._suspects
         self._suspects = dead
         if not confirmed:
-            return False
+            return
         self.panic_cause = f"process {min(confirmed)} died while using it and may hold its locks"
         self.panicked = True
         log.error("%s: %s: the environment needs recovery", self.path, self.panic_cause)
-        return True
 
     # -- closing ---------------------------------------------------------------------------------
 
@@ -696,19 +706,37 @@ class Environment:
             return  # inherited across fork: pinned by forget_inherited, never closed here
         self._stop.set()
         self._thread.join(timeout=5.0)
+        if not self.panicked and not self._thread.is_alive():
+            try:
+                self.checkpoint()
+            except db.DBRunRecoveryError as e:
+                self.panic_cause = f"Berkeley DB: {e}"
+                self.panicked = True
+            except db.DBError:
+                pass  # e.g. a full disk: the log has everything, recovery replays it
         if self.panicked or self._thread.is_alive():
+            # Left open (pinned), this process's registration stays: whoever joins next sees
+            # it as dead once we exit. Say so, so that a worker exits as needing recovery.
             _pin(self._env)
             _pin(self._db)
-            return
+            raise SafeNeedsRecoveryError(
+                self.path,
+                "close",
+                f"the environment needs recovery ({self.panic_cause or 'maintenance stuck'}); "
+                "it was left open",
+                "exit this process; under pmnc-runtime the supervisor recovers the safe",
+            )
         failure: db.DBError | None = None
-        with contextlib.suppress(db.DBError):
-            self.checkpoint()
         # The environment is closed even when closing the database failed (a full disk cannot
         # take its dirty pages, which the log already has): a process that leaves without
         # closing it would look dead to the next one, which would then recover.
         for handle in (self._db, self._env):
             try:
                 handle.close()
+            except db.DBRunRecoveryError as e:
+                _pin(self._env)  # never close a panicked environment
+                os.close(self._register_fd)
+                raise translate(self.path, "close", e) from e
             except db.DBError as e:
                 failure = failure or e
         os.close(self._register_fd)
@@ -727,11 +755,12 @@ class Environment:
 _registry: dict[Path, Environment] = {}
 _fork_generation = 0
 _registry_lock = threading.Lock()
-_inherited: list[Environment] = []
 
 
 def _key(path: str | os.PathLike[str]) -> Path:
-    return Path(os.path.abspath(os.fspath(path)))
+    """One key per directory, however it is named: a second name (a symlink) for a safe that
+    is open here must not open a second DBEnv, nor make `users` close __db.register."""
+    return Path(os.path.realpath(os.fspath(path)))
 
 
 def acquire(
@@ -776,7 +805,9 @@ def release(env: Environment) -> None:
             return
         if _registry.get(env.path) is env:
             del _registry[env.path]
-    env.close()
+        # Under the lock: a concurrent open of the same path must not create a second DBEnv
+        # while this one is still open (DB_REGISTER allows one per process).
+        env.close()
 
 
 def _after_fork_in_child() -> None:
@@ -786,7 +817,6 @@ def _after_fork_in_child() -> None:
     _registry_lock = threading.Lock()
     for env in _registry.values():
         env.forget_inherited()
-        _inherited.append(env)
     _registry.clear()
 
 
@@ -823,15 +853,19 @@ def prepare(path: str | os.PathLike[str], *, cache_size: int, min_free_space: in
     env = _open_env(
         key, cache_size=cache_size, recover=db.DB_RECOVER, min_free_space=min_free_space
     )
+    failure: BaseException | None = None
     try:
         handle = _open_db(key, env, create=True)
         handle.close()
         _checkpoint_fully(env)
+    except SafeError as e:
+        failure = e
+        raise
     except db.DBError as e:
+        failure = e
         raise translate(key, "prepare", e) from e
     finally:
-        with contextlib.suppress(db.DBError):
-            env.close()
+        _close_env(env, failure)
     return time.monotonic() - started
 
 
@@ -909,13 +943,14 @@ def recover(path: str | os.PathLike[str], *, catastrophic: bool = False) -> floa
         min_free_space=RECOVERY_CACHE_SIZE,
         register=False,
     )
+    failure: BaseException | None = None
     try:
         _checkpoint_fully(env)
     except db.DBError as e:
+        failure = e
         raise translate(key, "recover", e) from e
     finally:
-        with contextlib.suppress(db.DBError):
-            env.close()
+        _close_env(env, failure)
     return time.monotonic() - started
 
 
@@ -966,6 +1001,7 @@ def _recover_copy(key: Path) -> int:
         min_free_space=RECOVERY_CACHE_SIZE,
         register=False,
     )
+    failure: BaseException | None = None
     try:
         handle = db.DB(env)
         handle.open(DB_FILE, None, db.DB_BTREE, db.DB_AUTO_COMMIT | db.DB_RDONLY, 0o600)
@@ -973,10 +1009,10 @@ def _recover_copy(key: Path) -> int:
         handle.close()
         _checkpoint_fully(env)
     except db.DBError as e:
+        failure = e
         raise translate(key, "recover the copy", e) from e
     finally:
-        with contextlib.suppress(db.DBError):
-            env.close()
+        _close_env(env, failure)
     with contextlib.suppress(db.DBError):
         db.DBEnv().remove(str(key))
     checker = db.DB()
@@ -1044,6 +1080,15 @@ def restore(backup_dir: str | os.PathLike[str], path: str | os.PathLike[str]) ->
     """
     source, key = _key(backup_dir), _key(path)
     _check_backup_dir(source)
+    if key.exists() and not key.is_dir():
+        raise SafeError(key, "restore", "the path exists and is not a directory", "give a safe")
+    if key.exists() and any(key.iterdir()) and not (key / DB_FILE).exists():
+        raise SafeError(
+            key,
+            "restore",
+            "the directory is not empty and is not a safe",
+            "restore onto a safe, a new path or an empty directory",
+        )
     if key.exists():
         pids = users(key)
         if pids:
@@ -1081,7 +1126,10 @@ def _copy_files(source: Path, dest: Path) -> None:
 
 
 def _remove_tree(path: Path) -> None:
+    """Remove a safe's directory: only its own files, so anything else stops the removal."""
     if path.exists():
         for p in path.iterdir():
-            p.unlink()
-        path.rmdir()
+            if p.name in (DB_FILE, REGISTER_FILE) or p.name[:4] in ("log.", "__db"):
+                p.unlink()
+        with contextlib.suppress(OSError):
+            path.rmdir()

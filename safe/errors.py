@@ -35,7 +35,8 @@ class SafeNeedsRecoveryError(SafeError):
     """The environment panicked or a process died inside it: it must be recovered.
 
     A worker under a supervisor should `os._exit()` at once without closing anything; the
-    supervisor recovers. Standalone, close it in every process and open it again.
+    supervisor recovers. Standalone, exit every process using it: the next open recovers it
+    (the process that holds a panicked handle cannot reopen that safe itself).
     """
 
 

@@ -126,7 +126,12 @@ class Safe(MutableMapping[str, object]):
     # -- lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release this opening; the process's last one closes the environment. Idempotent."""
+        """Release this opening; the process's last one closes the environment. Idempotent.
+
+        Close a Safe once its threads are done with it: calls made after close raise
+        SafeClosedError, but a call still running in another thread when the environment is
+        closed under it is a programming error (as with any handle).
+        """
         if self._closed:
             return
         self._closed = True
@@ -278,8 +283,9 @@ class Safe(MutableMapping[str, object]):
             raw = e.get_rmw(txn, k)
             if raw is None:
                 return _MISSING
+            value = _loads(raw)  # before the delete: an unloadable value is not lost
             e.delete(txn, k)
-            return _loads(raw)
+            return value
 
         value = self._write("pop", body)
         if value is _MISSING:
@@ -304,16 +310,20 @@ class Safe(MutableMapping[str, object]):
     def popitem(self) -> tuple[str, object]:
         """Remove and return the (key, value) with the smallest key, in one transaction."""
 
-        def body(e: _env.Environment, txn: Any) -> tuple[bytes, bytes] | None:
+        def body(e: _env.Environment, txn: Any) -> tuple[str, object] | None:
             record = e.first(txn)
-            if record is not None:
-                e.delete(txn, record[0])
-            return record
+            if record is None:
+                return None
+            # Unpickled inside the transaction: a value that cannot be loaded aborts the pop
+            # instead of being deleted and lost.
+            item = _decode_key(record[0]), _loads(record[1])
+            e.delete(txn, record[0])
+            return item
 
-        record = self._write("popitem", body)
-        if record is None:
+        item: tuple[str, object] | None = self._write("popitem", body)
+        if item is None:
             raise KeyError("popitem(): safe is empty")
-        return _decode_key(record[0]), _loads(record[1])
+        return item
 
     def update(  # type: ignore[override]
         self, other: Mapping[str, object] | Iterable[tuple[str, object]] = (), /, **kwargs: object

@@ -105,3 +105,16 @@ def test_backup_refuses_a_non_empty_destination_and_a_missing_safe(tmp_path: Pat
         backup(tmp_path / "missing", tmp_path / "d2")
     with pytest.raises(SafeError, match=r"no safe\.db and log files"):
         restore(tmp_path / "dest", tmp_path / "r")
+
+
+def test_restore_refuses_a_directory_that_is_not_a_safe(tmp_path: Path) -> None:
+    with Safe.open(tmp_path / "s") as s:
+        s["k"] = 1
+    backup(tmp_path / "s", tmp_path / "b")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "precious.txt").write_text("keep me")
+    with pytest.raises(SafeError, match="not empty and is not a safe"):
+        restore(tmp_path / "b", docs)
+    assert (docs / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "docs", "s"]

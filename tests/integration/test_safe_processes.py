@@ -263,19 +263,21 @@ def test_lock_waits_are_bounded_and_a_dead_holder_is_noticed(tmp_path: Path) -> 
             h.modify("k", slow)
 
     def waiter() -> None:
-        with Safe.open(path, recover=False, timeout=1.5) as w:
-            started = time.monotonic()
-            with pytest.raises(SafeTimeoutError, match="could not get the locks"):
-                w["k"] = "blocked"
-            assert 1.4 < time.monotonic() - started < 4
-            (tmp_path / "timed-out").touch()
-            while not (tmp_path / "killed").exists():
-                time.sleep(0.01)
-            started = time.monotonic()
-            with pytest.raises(SafeNeedsRecoveryError, match=r"process \d+ died"):
-                while True:  # fails within the bound: a lock wait, then the dead holder noticed
-                    w["k"] = "after"
-            assert time.monotonic() - started < 4
+        w = Safe.open(path, recover=False, timeout=1.5)
+        started = time.monotonic()
+        with pytest.raises(SafeTimeoutError, match="could not get the locks"):
+            w["k"] = "blocked"
+        assert 1.4 < time.monotonic() - started < 4
+        (tmp_path / "timed-out").touch()
+        while not (tmp_path / "killed").exists():
+            time.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(SafeNeedsRecoveryError, match=r"process \d+ died"):
+            while True:  # fails within the bound: a lock wait, then the dead holder noticed
+                w["k"] = "after"
+        assert time.monotonic() - started < 4
+        with pytest.raises(SafeNeedsRecoveryError, match="left open"):
+            w.close()  # its environment needs recovery: a worker would exit 75
 
     victim = fork(holder, errors)
     deadline = time.monotonic() + 10
@@ -341,4 +343,45 @@ def test_kill_9_of_one_writer_among_others_loses_nothing(tmp_path: Path) -> None
         missing = [k for k in acknowledged if k not in s]
     assert missing == []
     assert users(path) == []
+    verify(path)
+
+
+def test_closing_a_safe_whose_environment_needs_recovery_says_so(tmp_path: Path) -> None:
+    """A worker must not exit as if all were well when it left its environment open."""
+    path, errors = tmp_path / "s", tmp_path / "errors"
+    Safe.open(path).close()
+    started = tmp_path / "started"
+
+    def victim() -> None:
+        with Safe.open(path, recover=False):
+            started.touch()
+            time.sleep(60)
+
+    def survivor() -> None:
+        s = Safe.open(path, recover=False)
+        while not started.exists():
+            time.sleep(0.01)
+        (tmp_path / "ready").touch()
+        deadline = time.monotonic() + 10
+        while True:  # the victim is killed meanwhile; its death is noticed
+            try:
+                s["k"] = 1
+            except SafeNeedsRecoveryError:
+                break
+            assert time.monotonic() < deadline, "the dead process was never noticed"
+            time.sleep(0.05)
+        with pytest.raises(SafeNeedsRecoveryError, match="left open"):
+            s.close()
+
+    v = fork(victim, errors)
+    pid = fork(survivor, errors)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "ready").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(v, signal.SIGKILL)
+    wait(v, 10)
+    assert_children_ok([pid], errors, timeout=30)
+    with Safe.open(path) as s:  # every user gone: this open recovers
+        s["k"] = 2
     verify(path)

@@ -271,3 +271,32 @@ def test_checkpoint_and_stats(safe: Safe) -> None:
     assert stats["ops"] == {"set": 1, "read": 1, "checkpoint": 1}  # type: ignore[comparison-overlap]
     assert "p99_ms" in stats["latency"]["set"]  # type: ignore[index]
     assert stats["retries"] == 0
+
+
+class _Gone:
+    """A class whose pickles cannot be loaded once it is removed from its module."""
+
+
+def test_pop_and_popitem_of_an_unloadable_value_lose_nothing(safe: Safe) -> None:
+    global _Gone
+    safe["a"] = _Gone()
+    cls = _Gone
+    del _Gone  # its pickle now names a class that cannot be found
+    try:
+        with pytest.raises(AttributeError):
+            safe.popitem()
+        with pytest.raises(AttributeError):
+            safe.pop("a")
+        assert "a" in safe, "a failed pop must not delete the value"
+    finally:
+        _Gone = cls
+    assert isinstance(safe.pop("a"), _Gone)
+
+
+def test_a_second_name_for_an_open_safe_shares_its_environment(tmp_path: Path) -> None:
+    (tmp_path / "link").symlink_to(tmp_path / "s", target_is_directory=True)
+    with Safe.open(tmp_path / "s") as a:
+        a["k"] = 1
+        with Safe.open(tmp_path / "link") as b:
+            assert b["k"] == 1
+            assert b.path == a.path
