@@ -231,12 +231,32 @@ _ALLOWED[("__builtin__", "xrange")] = range
 _ALLOWED[("copy_reg", "_reconstructor")] = _reconstructor
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """find_class consults the allowlist and never imports; persistent ids are refused."""
+_SHARED_IDS = frozenset(id(v) for v in _ALLOWED.values())
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """find_class consults the allowlist and never imports; persistent ids are refused.
+
+    The pure-Python unpickler, for its dispatch table: BUILD into a class or into one of the
+    shared allowlisted objects (e.g. `Counter`'s `__missing__`) would change how every later
+    value decodes in this process, so it is refused. Slower than the C one; only tools use it.
+    """
+
+    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file)
         self._opaque: dict[str, type[Opaque]] = {}
+
+    def _load_build(self) -> None:
+        target = self.stack[-2]  # type: ignore[attr-defined]  # [-1] is the state
+        if isinstance(target, type) or id(target) in _SHARED_IDS:
+            raise pickle.UnpicklingError(
+                f"refused: a pickle may not set state on {getattr(target, '__name__', target)!r}"
+            )
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = _ALLOWED.get((module, name))

@@ -203,3 +203,13 @@ def test_a_pickle_cannot_build_state_into_the_shared_datetime_constructors(
     assert loads(pickle.dumps(stamp, 5)) == stamp
     assert loads(pickle.dumps(stamp.timetz(), 5)) == stamp.timetz()
     assert loads(pickle.dumps(stamp, 2)) == stamp
+
+
+def test_a_pickle_cannot_set_state_on_an_allowed_class() -> None:
+    """BUILD on a class would change how every later value decodes in the tool's process."""
+    missing = collections.Counter.__dict__["__missing__"]
+    payload = b"ccollections\nCounter\n}S'__missing__'\nNsb."
+    with pytest.raises(UndecodableError, match="may not set state"):
+        loads(payload)
+    assert collections.Counter.__dict__["__missing__"] is missing
+    assert loads(pickle.dumps(collections.Counter("aab"))) == collections.Counter("aab")
