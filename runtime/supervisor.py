@@ -69,6 +69,7 @@ __all__ = ["EXIT_FAILED", "Supervisor", "bind"]
 EXIT_FAILED = 3  # an operational failure: a worker cannot boot, a safe cannot be prepared
 EXIT_INTERRUPTED = 130  # a second SIGINT: stopped at once
 CLOSE_GRACE = 5.0  # beyond graceful_timeout, for a worker to close its safes
+RELOAD_RETRIES = 3  # a reload cut short by a crash is started again this many times in a row
 STABLE_AFTER = 1.0  # a cage fully up this long has stopped "dying": its backoff starts over
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 30.0
@@ -177,6 +178,7 @@ class Supervisor:
         self._exit_code = 0
         self._announced = False
         self._reload: _Reload | None = None
+        self._reload_retries = 0  # reloads restarted in a row because a cage crashed meanwhile
         self._restarts: dict[tuple[str, int], int] = {}  # (cage, slot) -> workers replaced
         self._status_dirty = False  # the set of live workers changed since the last cage.json
         self._status_files: set[Path] = set()  # cage.json files written, removed at exit
@@ -438,8 +440,21 @@ class Supervisor:
             spent,
         )
         if self._reload is not None and cage.name in self._reload.cages:
-            logger.error("reload abandoned: cage %s crashed meanwhile", cage.name)
             self._abort_reload()
+            if self._reload_retries < RELOAD_RETRIES:
+                # The crash was handled (killed, recovered); the reload the operator asked for
+                # is started again rather than silently dropped.
+                self._reload_retries += 1
+                logger.error(
+                    "reload abandoned: cage %s crashed meanwhile; reloading again", cage.name
+                )
+                self._signals.put_nowait(signal.SIGHUP)
+            else:
+                logger.error(
+                    "reload abandoned: cage %s crashed meanwhile, %d times: send SIGHUP again",
+                    cage.name,
+                    RELOAD_RETRIES + 1,
+                )
         current = self._cages.get(cage.name)
         if self._stopping or current is None:
             return
@@ -671,6 +686,7 @@ class Supervisor:
     def _commit_reload(self, reload: _Reload) -> None:
         """The new generation serves: retire the old one (a graceful, clean stop)."""
         self._reload = None
+        self._reload_retries = 0
         old = self._cages
         for w in list(self._workers.values()):
             if w.cage in old.values():

@@ -134,8 +134,14 @@ def test_sighup_while_a_dead_worker_is_unreaped_recovers_first_then_reloads(
         node.signal(signal.SIGCONT)
     text = node.wait_log("reloaded", 15, since=mark)
     crash = text.index(f"worker {victim} killed by SIGKILL")
-    assert crash < text.index("SIGHUP: reloading"), text
-    assert "reload abandoned" not in text
+    # Either the crash is handled before the reload starts, or the reload (which leaves the
+    # safes in use alone) is cut short by it and started again after the recovery: never is a
+    # safe the dead worker had open recovered under its surviving sibling.
+    if "reload abandoned" in text:
+        assert "crashed meanwhile; reloading again" in text, text
+        assert crash < text.rindex("SIGHUP: reloading"), text
+    else:
+        assert crash < text.index("SIGHUP: reloading"), text
     assert not {victim, survivor} & set(worker_pids(node.pid))
     assert once(node.port, "app", "version") == 2
     assert node.stop() == 0
