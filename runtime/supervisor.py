@@ -72,7 +72,7 @@ CLOSE_GRACE = 5.0  # beyond graceful_timeout, for a worker to close its safes
 RELOAD_RETRIES = 3  # a reload cut short by a crash is started again this many times in a row
 STABLE_AFTER = 1.0  # a cage fully up this long has stopped "dying": its backoff starts over
 BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 30.0
+BACKOFF_MAX = 5.0  # short enough that a burst of outside kills (OOM) is not a long outage
 TICK = 0.5  # longest sleep of the loop, for deadlines nothing else wakes it for
 
 
