@@ -27,6 +27,7 @@ import errno
 import inspect
 import json
 import os
+import re
 import select
 import socket
 import threading
@@ -75,6 +76,12 @@ def _needs_recovery(e: BaseException) -> bool:
     return False
 
 
+def _reject_constant(name: str) -> object:
+    """NaN and Infinity are not JSON (RFC 8259): a value stored from them could never be
+    answered back, so the request is refused (400) instead."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
 class Application:
     """Maps `/<module>/<function>` plus a JSON body to a call and its JSON answer."""
 
@@ -92,7 +99,7 @@ class Application:
             return _error(404, "NotFound", f"no function {function!r} in module {module!r}")
         fn, signature = target
         try:
-            args = json.loads(body) if body.strip() else {}
+            args = json.loads(body, parse_constant=_reject_constant) if body.strip() else {}
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are ValueErrors
             return _error(400, type(e).__name__, str(e))
         except RecursionError:  # "[" * 100000 fits in max_body: nesting is the client's fault
@@ -309,6 +316,14 @@ class Server:
             deadline = time.monotonic() + REQUEST_TIMEOUT
             while len(buf) < request.body_length:
                 if not read_more(deadline):
+                    if time.monotonic() >= deadline:  # a body that never came in full
+                        response = _error(
+                            408,
+                            "RequestTimeout",
+                            f"body not complete within {REQUEST_TIMEOUT} s",
+                        )
+                        self._counter.count(response.status)
+                        self._send(conn, response, request.version, keep_alive=False)
                     return
             body = bytes(buf[: request.body_length])
             del buf[: request.body_length]
@@ -352,11 +367,15 @@ class Server:
             name, colon, value = line.partition(":")
             if not colon or not name or name != name.strip():
                 raise _HttpError(400, f"malformed header line {line[:100]!r}")
-            headers[name.lower()] = value.strip()
+            key, value = name.lower(), value.strip()
+            if key in headers and headers[key] != value and key in ("content-length", "host"):
+                # Two different lengths: which body is it? (request smuggling otherwise)
+                raise _HttpError(400, f"conflicting {name} headers")
+            headers[key] = value
         if "transfer-encoding" in headers:
             raise _HttpError(411, "chunked bodies are not supported: send Content-Length")
         length_text = headers.get("content-length", "0")
-        if not length_text.isdigit() or len(length_text) > 18:
+        if not re.fullmatch(r"[0-9]{1,18}", length_text):  # isdigit() accepts "²"
             raise _HttpError(400, f"malformed Content-Length {length_text[:30]!r}")
         return _Request(method, target, version, headers, int(length_text))
 

@@ -277,3 +277,39 @@ def test_a_port_in_use_exits_2_naming_the_key_and_starts_nothing(
         assert node.wait(30) == 2
     assert "cages[0].http" in node.text()
     assert not (tmp_path / "var").exists()
+
+
+def _raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str]]:
+    """Send bytes as they are (http.client would fix them up) and read the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
+def test_invalid_json_numbers_and_bad_lengths_get_400_and_nothing_is_stored(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    node = node_factory(EXAMPLES, workers=1, threads=2).start()
+    client = Client(node.port, timeout=5.0)
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):
+        status, answer = client.raw("/kv/put", b'{"key": "n", "value": ' + constant + b"}")
+        assert status == 400, answer
+        assert "not valid JSON" in answer["error"]
+    assert client.result("kv", "get", key="n") is None
+    body = b'{"key": "k", "value": 1}'
+    for lengths in ([b"\xc2\xb2"], [str(len(body)).encode(), b"3"], [b"-1"], [b"1e3"]):
+        head = b"POST /kv/put HTTP/1.1\r\nHost: x\r\n"
+        head += b"".join(b"Content-Length: " + n + b"\r\n" for n in lengths)
+        status, answer = _raw_exchange(node.port, head + b"\r\n" + body)
+        assert status == 400, (lengths, answer)
+        assert "Content-Length" in answer["error"], answer
+    assert client.result("kv", "get", key="k") is None
+    assert client.result("kv", "put", key="k", value=1) is None  # the worker serves on
+    client.close()
