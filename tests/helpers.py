@@ -215,6 +215,37 @@ def wait_serving(port: int, timeout: float) -> float:
     raise AssertionError(f"port {port} not serving within {timeout} s")
 
 
+STARTED = """
+    def _started(path):
+        # Tell the test this call is running in a worker: write our pid to `path`, atomically.
+        if path:
+            import os
+            with open(path + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(path + ".tmp", path)
+"""
+
+
+def wait_started(path: Path, timeout: float = 10.0) -> int:
+    """Wait (bounded) until a module call wrote `path` via `_started`; the worker's pid."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            return int(path.read_text())
+        time.sleep(0.01)
+    raise AssertionError(f"the call never started in a worker: no {path} within {timeout} s")
+
+
+def wait_gone(pids: list[int], supervisor: int, timeout: float) -> bool:
+    """Wait (bounded) until none of `pids` is still a child of the supervisor (exited, reaped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not set(pids) & set(worker_pids(supervisor)):
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def worker_pids(supervisor: int) -> list[int]:
     """The supervisor's direct children, from /proc."""
     children = Path(f"/proc/{supervisor}/task/{supervisor}/children")

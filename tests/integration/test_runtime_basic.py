@@ -7,11 +7,20 @@ import shutil
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from helpers import EXAMPLES, Client, Node, once, wait_serving, worker_pids, write_modules
+from helpers import (
+    EXAMPLES,
+    STARTED,
+    Client,
+    Node,
+    once,
+    wait_serving,
+    wait_started,
+    worker_pids,
+    write_modules,
+)
 from pmnc.safe import Safe
 
 PROBE = """
@@ -25,7 +34,8 @@ PROBE = """
     def pid():
         return os.getpid()
 
-    def slow(seconds=1.0):
+    def slow(seconds=1.0, started=None):
+        _started(started)
         time.sleep(seconds)
         return "done"
 
@@ -46,7 +56,7 @@ PROBE = """
 def modules_with_probe(tmp_path: Path) -> Path:
     directory = tmp_path / "modules"
     shutil.copytree(EXAMPLES, directory)
-    return write_modules(directory, {"probe": PROBE})
+    return write_modules(directory, {"probe": PROBE + STARTED})
 
 
 def test_start_serve_sigterm_exits_zero_and_leaves_nothing(
@@ -208,19 +218,25 @@ def test_a_request_in_flight_finishes_during_a_graceful_stop(
 ) -> None:
     node = node_factory(modules_with_probe(tmp_path), workers=1, graceful_timeout=10).start()
     answers: list[object] = []
+    errors: list[BaseException] = []
+    started = tmp_path / "slow.started"
 
     def call_slow() -> None:
         client = Client(node.port)
         try:
-            answers.append(client.call("probe", "slow", seconds=1.0))
+            answers.append(client.call("probe", "slow", seconds=1.0, started=str(started)))
+        except BaseException as e:
+            errors.append(e)
         finally:
             client.close()
 
     slow = threading.Thread(target=call_slow)
     slow.start()
-    time.sleep(0.3)
+    wait_started(started)  # the request is in flight in the worker
     node.signal(signal.SIGTERM)
     slow.join(15)
+    assert not slow.is_alive()
+    assert not errors, errors
     assert answers == [(200, {"result": "done"})]
     assert node.wait(15) == 0
 

@@ -6,7 +6,6 @@ dead worker must not freeze the cage (berkeleydb.md Q4: the supervisor kills and
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import os
 import shutil
@@ -16,7 +15,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from helpers import EXAMPLES, Client, Node, once, wait_serving, worker_pids
+from helpers import (
+    EXAMPLES,
+    STARTED,
+    Client,
+    Node,
+    once,
+    wait_gone,
+    wait_serving,
+    wait_started,
+    worker_pids,
+    write_modules,
+)
 from pmnc.safe import Safe
 
 
@@ -68,6 +78,16 @@ class Writers:
     def count(self) -> int:
         with self.lock:
             return len(self.acked)
+
+
+SLOW = """
+    import time
+
+    def wait(seconds=1.0, started=None):
+        _started(started)
+        time.sleep(seconds)
+        return 1
+"""
 
 
 def modules(tmp_path: Path) -> Path:
@@ -162,34 +182,34 @@ def test_a_crash_during_a_graceful_stop_still_exits_zero_with_safes_recovered(
     tmp_path: Path, node_factory: Callable[..., Node]
 ) -> None:
     directory = modules(tmp_path)
-    (directory / "slow.py").write_text(
-        "import time\n\ndef wait(seconds=1.0):\n    time.sleep(seconds)\n    return 1\n"
-    )
+    write_modules(directory, {"slow": SLOW + STARTED})
     node = node_factory(directory, workers=2, threads=2, graceful_timeout=10).start()
     answers: list[object] = []
+    started = tmp_path / "started"
 
     def call_slow() -> None:
         client = Client(node.port)
         try:
-            answers.append(client.call("slow", "wait", seconds=1.5))
-        except (OSError, http.client.HTTPException) as e:
+            answers.append(client.call("slow", "wait", seconds=20, started=str(started)))
+        except BaseException as e:
             answers.append(e)
         finally:
             client.close()
 
     slow = threading.Thread(target=call_slow)
     slow.start()
-    time.sleep(0.3)
+    busy = wait_started(started)  # the request is in flight in worker `busy`
     victims = worker_pids(node.pid)
+    assert busy in victims and len(victims) == 2
+    idle = [pid for pid in victims if pid != busy]
     node.signal(signal.SIGTERM)
-    time.sleep(0.2)
-    killed = 0
-    for pid in victims:  # the idle worker has left by now; the busy one is still draining
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-            killed += 1
-    assert killed == 1
+    assert wait_gone(idle, node.pid, 10), "the idle worker did not leave"
+    os.kill(busy, signal.SIGKILL)  # the busy one is still draining (20 s to go)
     slow.join(15)
+    assert not slow.is_alive()
+    assert len(answers) == 1, answers
+    assert isinstance(answers[0], OSError | http.client.HTTPException), answers
+    assert not isinstance(answers[0], TimeoutError), answers
     assert node.wait(15) == 0
     assert "killed by SIGKILL" in node.text() and "recovered 3 safe(s)" in node.text()
     assert node.wait_group_gone(5)

@@ -12,13 +12,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from helpers import EXAMPLES, Client, Node, once, wait_serving, worker_pids, write_modules
+from helpers import (
+    EXAMPLES,
+    STARTED,
+    Client,
+    Node,
+    once,
+    wait_serving,
+    wait_started,
+    worker_pids,
+    write_modules,
+)
 
 SLOW_AND_PANIC = """
     import time
     from pmnc.safe import SafeNeedsRecoveryError
 
-    def wait(seconds=1.0):
+    def wait(seconds=1.0, started=None):
+        _started(started)
         time.sleep(seconds)
         return "done"
 
@@ -30,22 +41,37 @@ SLOW_AND_PANIC = """
 def modules(tmp_path: Path) -> Path:
     directory = tmp_path / "modules"
     shutil.copytree(EXAMPLES, directory)
-    return write_modules(directory, {"probe": SLOW_AND_PANIC})
+    return write_modules(directory, {"probe": SLOW_AND_PANIC + STARTED})
 
 
-def background_call(port: int, answers: list[object], **kwargs: object) -> threading.Thread:
+def background_call(
+    port: int, answers: list[object], started: Path, **kwargs: object
+) -> threading.Thread:
+    """Call probe.wait in a thread; return once it is running in a worker.
+
+    `answers` gets what the client saw: the (status, body) or the exception it raised.
+    """
+
     def run() -> None:
         client = Client(port)
         try:
-            answers.append(client.call("probe", "wait", **kwargs))
-        except (OSError, http.client.HTTPException) as e:
+            answers.append(client.call("probe", "wait", started=str(started), **kwargs))
+        except BaseException as e:
             answers.append(e)
         finally:
             client.close()
 
     thread = threading.Thread(target=run)
     thread.start()
+    wait_started(started)
     return thread
+
+
+def cut_off(answer: object) -> bool:
+    """Whether the client lost its connection (not a timeout, not an HTTP answer)."""
+    return isinstance(answer, OSError | http.client.HTTPException) and not isinstance(
+        answer, TimeoutError
+    )
 
 
 def test_a_safe_needing_recovery_answers_503_and_the_cage_is_recovered(
@@ -69,8 +95,7 @@ def test_a_safe_needing_recovery_answers_503_and_the_cage_is_recovered(
 def test_a_second_sigint_stops_at_once(tmp_path: Path, node_factory: Callable[..., Node]) -> None:
     node = node_factory(modules(tmp_path), workers=1, threads=2, graceful_timeout=60).start()
     answers: list[object] = []
-    slow = background_call(node.port, answers, seconds=30)
-    time.sleep(0.3)
+    slow = background_call(node.port, answers, tmp_path / "started", seconds=30)
     node.signal(signal.SIGINT)
     node.wait_log("SIGINT: stopping gracefully", 5)
     started = time.monotonic()
@@ -79,7 +104,8 @@ def test_a_second_sigint_stops_at_once(tmp_path: Path, node_factory: Callable[..
     assert time.monotonic() - started < 5
     assert code == 130
     slow.join(10)
-    assert answers and isinstance(answers[0], OSError | http.client.HTTPException)
+    assert not slow.is_alive()
+    assert len(answers) == 1 and cut_off(answers[0]), answers  # its worker was killed
     assert node.wait_group_gone(5)
     node.start()  # the safes were recovered on the way out
     assert once(node.port, "counter", "increment") == 1
@@ -91,12 +117,13 @@ def test_a_request_running_past_the_graceful_timeout_is_cut_and_the_safes_recove
 ) -> None:
     node = node_factory(modules(tmp_path), workers=1, threads=2, graceful_timeout=0.5).start()
     answers: list[object] = []
-    slow = background_call(node.port, answers, seconds=20)
-    time.sleep(0.3)
+    slow = background_call(node.port, answers, tmp_path / "started", seconds=20)
     started = time.monotonic()
     assert node.stop(timeout=15) == 0
     assert time.monotonic() - started < 8
     slow.join(10)
+    assert not slow.is_alive()
+    assert len(answers) == 1 and cut_off(answers[0]), answers  # its worker was killed
     text = node.text()
     assert "still running after 0.5 s" in text and "recovered 3 safe(s)" in text
     node.start()
