@@ -3,36 +3,51 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from helpers import Client, Node, once
 
 WEBAPP = Path(__file__).resolve().parents[2] / "examples" / "webapp" / "modules"
+T0 = 1_700_000_000.0  # a fixed "now" for the sessions test
 
 
 def test_sessions_expire_slide_and_purge(node_factory: Callable[..., Node]) -> None:
     node = node_factory(WEBAPP, workers=2, threads=2).start()
     client = Client(node.port)
-    made = client.result("sessions", "create", user="alice", ttl=0.6, data={"cart": 1})
+
+    def call(function: str, at: float, **kwargs: object) -> Any:
+        return client.result("sessions", function, now=T0 + at, **kwargs)
+
+    # The clock is stepped through `now`, never slept: no margin to lose on a loaded machine.
+    made = call("create", 0, user="alice", ttl=60, data={"cart": 1})
     token = made["token"]
-    assert client.result("sessions", "get", token=token)["user"] == "alice"
-    time.sleep(0.4)
-    touched = client.result("sessions", "touch", token=token, data={"page": 2})
+    assert made["expires"] == T0 + 60
+    assert call("get", 30, token=token)["user"] == "alice"
+    touched = call("touch", 40, token=token, data={"page": 2})
     assert touched["data"] == {"cart": 1, "page": 2}
-    time.sleep(0.4)  # 0.8 s after creation, 0.4 s after the touch: still live
-    assert client.result("sessions", "get", token=token) is not None
-    short = client.result("sessions", "create", user="bob", ttl=0.2)["token"]
-    assert client.result("sessions", "count") == 2
-    time.sleep(0.7)
-    assert client.result("sessions", "get", token=token) is None
-    assert client.result("sessions", "touch", token=short) is None, "expired is for good"
-    assert client.result("sessions", "purge") == 2
-    assert client.result("sessions", "count") == 0
+    assert touched["expires"] == T0 + 100
+    assert call("get", 90, token=token) is not None, "90 s after creation, 50 s after the touch"
+    short = call("create", 90, user="bob", ttl=5)["token"]
+    assert call("count", 90) == 2
+    assert call("count", 95) == 1, "bob's session ends at 95 s"
+    assert call("get", 100, token=token) is None, "alice's ends at 100 s"
+    assert call("touch", 99, token=short) is None, "expired is for good"
+    assert call("count", 99) == 1
+    assert call("purge", 99) == 1  # bob's
+    assert call("purge", 100) == 1  # alice's
+    assert call("count", 0) == 0
+    # Without `now`, the real clock: a fresh session is live.
+    live = client.result("sessions", "create", user="dave")["token"]
+    assert client.result("sessions", "get", token=live)["user"] == "dave"
+    assert client.result("sessions", "count") == 1
     status, answer = client.call("sessions", "create", user="carol", ttl=-1)
     assert status == 500 and answer["error"].startswith("ValueError: ttl")
+    status, answer = client.call("sessions", "get", token=live, now="soon")
+    assert status == 500 and answer["error"].startswith("ValueError: now")
     assert client.result("sessions", "delete", token=short) is False
+    assert client.result("sessions", "delete", token=live) is True
     client.close()
     assert node.stop() == 0
 

@@ -7,6 +7,9 @@ A session is one key (its random token) holding a dict. Sliding expiry (`touch`)
 so two workers touching the same session at once cannot resurrect an older copy of it. An
 expired session is dead for good: `get` and `touch` ignore it and `purge` deletes it, which is
 why `purge` may read and delete in two transactions without losing a session touched meanwhile.
+
+Every function that looks at the clock takes an optional keyword `now` (seconds since the epoch,
+default `time.time()`): tests use it to step through expiry without sleeping.
 """
 
 from __future__ import annotations
@@ -30,13 +33,17 @@ class _Gone(Exception):
 
 
 def create(
-    user: str, ttl: float = DEFAULT_TTL, data: dict[str, Any] | None = None
+    user: str,
+    ttl: float = DEFAULT_TTL,
+    data: dict[str, Any] | None = None,
+    *,
+    now: float | None = None,
 ) -> dict[str, Any]:
     """Start a session for `user` that expires `ttl` seconds after its last touch."""
     if not isinstance(user, str) or not user:
         raise ValueError("user must be a non-empty string")
     ttl = _ttl(ttl)
-    now = time.time()
+    now = _now(now)
     token = secrets.token_urlsafe(18)
     session = {
         "user": user,
@@ -49,17 +56,20 @@ def create(
     return {"token": token, **session}
 
 
-def get(token: str) -> dict[str, Any] | None:
+def get(token: str, *, now: float | None = None) -> dict[str, Any] | None:
     """The live session under `token`, None if there is none or it expired."""
+    now = _now(now)
     session = pmnc_safe.get(token)
-    if not isinstance(session, dict) or session["expires"] <= time.time():
+    if not isinstance(session, dict) or session["expires"] <= now:
         return None
     return session
 
 
-def touch(token: str, data: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def touch(
+    token: str, data: dict[str, Any] | None = None, *, now: float | None = None
+) -> dict[str, Any] | None:
     """Push a live session's expiry `ttl` s from now (merging `data` into it); None if dead."""
-    now = time.time()
+    now = _now(now)
 
     def extend(session: object) -> dict[str, Any]:
         if not isinstance(session, dict) or session["expires"] <= now:
@@ -83,15 +93,15 @@ def delete(token: str) -> bool:
     return pmnc_safe.pop(token, None) is not None
 
 
-def count() -> int:
+def count(*, now: float | None = None) -> int:
     """How many sessions are live now."""
-    now = time.time()
+    now = _now(now)
     return sum(1 for s in pmnc_safe.values() if isinstance(s, dict) and s["expires"] > now)
 
 
-def purge() -> int:
+def purge(*, now: float | None = None) -> int:
     """Delete every expired session; how many were deleted."""
-    now = time.time()
+    now = _now(now)
     expired = [t for t, s in pmnc_safe.items() if isinstance(s, dict) and s["expires"] <= now]
     return sum(1 for t in expired if pmnc_safe.pop(t, None) is not None)
 
@@ -100,3 +110,11 @@ def _ttl(ttl: object) -> float:
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TTL:
         raise ValueError(f"ttl must be a number of seconds in (0, {MAX_TTL:g}], got {ttl!r}")
     return float(ttl)
+
+
+def _now(now: object) -> float:
+    if now is None:
+        return time.time()
+    if isinstance(now, bool) or not isinstance(now, int | float) or now != now:
+        raise ValueError(f"now must be a number of seconds since the epoch, got {now!r}")
+    return float(now)
