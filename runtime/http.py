@@ -345,10 +345,12 @@ class Server:
             while buf.startswith(b"\r\n"):  # RFC 9112 2.2: ignore empty lines before a request
                 del buf[:2]
             end = buf.find(b"\r\n\r\n")
+            # The head, its blank line included, may be MAX_HEAD bytes: whether its end came in
+            # the same read as the rest or not (buf may hold the body too once it has).
+            if (end + 4 if end >= 0 else len(buf)) > MAX_HEAD:
+                raise _HttpError(431, f"request head over {MAX_HEAD} bytes")
             if end >= 0:
                 break
-            if len(buf) > MAX_HEAD:
-                raise _HttpError(431, f"request head over {MAX_HEAD} bytes")
             if not read_more(deadline):
                 if buf and time.monotonic() >= deadline:
                     raise _HttpError(408, f"request not complete within {REQUEST_TIMEOUT} s")

@@ -21,6 +21,7 @@ from helpers import (
     worker_pids,
     write_modules,
 )
+from pmnc.runtime.http import MAX_HEAD
 from pmnc.safe import Safe
 
 PROBE = """
@@ -329,3 +330,26 @@ def test_invalid_json_numbers_and_bad_lengths_get_400_and_nothing_is_stored(
     assert client.result("kv", "get", key="k") is None
     assert client.result("kv", "put", key="k", value=1) is None  # the worker serves on
     client.close()
+
+
+def test_the_request_head_limit_is_exact_however_the_head_arrives(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    node = node_factory(modules_with_probe(tmp_path), workers=1, threads=2).start()
+
+    def head(size: int) -> bytes:
+        """A POST /probe/echo head of exactly `size` bytes, its blank line included."""
+        start = b"POST /probe/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nX-Pad: "
+        pad = size - len(start) - len(b"\r\n\r\n")
+        return start + b"a" * pad + b"\r\n\r\n"
+
+    for size in (MAX_HEAD - 1, MAX_HEAD):
+        status, answer = _raw_exchange(node.port, head(size))
+        assert (status, answer) == (200, {"result": {}}), size
+    # Over the limit, whether the end of the head is in the first read or comes after it.
+    for size in (MAX_HEAD + 1, MAX_HEAD + 4, 70 << 10):
+        status, answer = _raw_exchange(node.port, head(size))
+        assert status == 431, (size, answer)
+        assert answer["error"].startswith("RequestHeaderFieldsTooLarge: "), answer
+    assert once(node.port, "probe", "echo", a=1) == {"a": 1}  # the worker serves on
+    assert node.stop() == 0
