@@ -21,6 +21,8 @@ from pathlib import Path
 
 from pmnc.safe import Safe
 
+from .logs import logger
+
 __all__ = ["AppModule", "ModuleLoadError", "load_module", "module_qualname"]
 
 
@@ -47,7 +49,8 @@ def load_module(cage: str, name: str, path: Path, safe: Safe) -> AppModule:
     """Execute `path` as module `name` of `cage` with `pmnc_safe = safe`.
 
     Callable functions are the plain functions the module itself defines with a public name:
-    names it imported (`from os import remove`) and classes are not callable over HTTP.
+    names it imported (`from os import remove`) and classes are not callable over HTTP, nor are
+    `async def` functions (workers run plain threads, no event loop): those are logged at load.
     """
     qualname = module_qualname(cage, name)
     module = types.ModuleType(qualname)
@@ -66,11 +69,22 @@ def load_module(cage: str, name: str, path: Path, safe: Safe) -> AppModule:
         if not isinstance(e, Exception):
             raise
         raise ModuleLoadError(f"{path}: module {name!r} failed to load: {_describe(e)}") from e
-    functions = {
-        attr: value
-        for attr, value in vars(module).items()
-        if not attr.startswith("_") and inspect.isfunction(value) and value.__module__ == qualname
-    }
+    functions: dict[str, Callable[..., object]] = {}
+    asynchronous: list[str] = []
+    for attr, value in vars(module).items():
+        if attr.startswith("_") or not inspect.isfunction(value) or value.__module__ != qualname:
+            continue
+        if inspect.iscoroutinefunction(value) or inspect.isasyncgenfunction(value):
+            asynchronous.append(attr)  # nothing would run it: calling it only makes a coroutine
+        else:
+            functions[attr] = value
+    if asynchronous:
+        logger.warning(
+            "%s: module %r: async functions are not served over HTTP: %s",
+            path,
+            name,
+            ", ".join(asynchronous),
+        )
     return AppModule(name=name, path=path, module=module, functions=functions)
 
 

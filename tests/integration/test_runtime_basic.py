@@ -51,6 +51,12 @@ PROBE = """
 
     def _private():
         return "secret"
+
+    async def coro():  # async: not served (no event loop in a worker), logged at load
+        return "never"
+
+    async def agen():
+        yield "never"
 """
 
 
@@ -119,6 +125,8 @@ def test_http_errors_answer_json_and_the_worker_lives_on(
     check(404, "/probe/join", b"{}", "NotFound: ")  # imported into the module
     check(404, "/probe/Thing", b"{}", "NotFound: ")  # a class
     check(404, "/probe/os", b"{}", "NotFound: ")
+    check(404, "/probe/coro", b"{}", "NotFound: ")
+    check(404, "/probe/agen", b"{}", "NotFound: ")
     check(404, "/kv", b"{}", "NotFound: ")
     check(500, "/probe/boom", b"{}", "ValueError: no luck")
     check(500, "/probe/not_json", b"", "TypeError: ")
@@ -128,7 +136,10 @@ def test_http_errors_answer_json_and_the_worker_lives_on(
     assert client.raw("/probe/echo", b"")[1] == {"result": {}}  # an empty body is {}
     assert client.result("probe", "pid") == pid
     client.close()
-    assert "Traceback" in node.text() and "ValueError: no luck" in node.text()
+    text = node.text()
+    assert "Traceback" in text and "ValueError: no luck" in text
+    assert text.count("async functions are not served over HTTP: coro, agen") == 1  # 1 worker
+    assert "never awaited" not in text and "RuntimeWarning" not in text
     assert node.stop() == 0
 
 
