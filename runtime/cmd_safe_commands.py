@@ -317,19 +317,28 @@ def _dump(args: argparse.Namespace) -> int:
             count = _dump_to(safe, sys.stdout.buffer, total, args.progress)
         else:
             target = Path(args.output)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
             try:
-                with os.fdopen(fd, "wb") as stream:
-                    count = _dump_to(safe, stream, total, args.progress)
-                    os.fsync(stream.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+                count = _dump_file(safe, target, total, args.progress)
+            except OSError as e:  # the file the user named, not our temporary one beside it
+                raise CommandError(target, f"cannot write the dump: {e.strerror or e}") from e
     where = "stdout" if to_stdout else args.output
     print(f"{path}: dumped {count} keys to {where}", file=sys.stderr if to_stdout else sys.stdout)
     return OK
+
+
+def _dump_file(safe: Safe, target: Path, total: int, progress: bool) -> int:
+    """Dump into a temporary file beside `target`, renamed to it once complete and on disk."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            count = _dump_to(safe, stream, total, progress)
+            os.fsync(stream.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return count
 
 
 def _dump_to(safe: Safe, stream: BinaryIO, total: int, progress: bool) -> int:

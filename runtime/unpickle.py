@@ -6,7 +6,7 @@ inspecting a safe with it runs the safe's code (CPython's pickle docs, "Restrict
 Fraction, datetime, UUID, paths, ...); every other global becomes an `Opaque` placeholder class
 named after it. Calling a placeholder (REDUCE, NEWOBJ, INST/OBJ), giving it state (BUILD) or items
 (APPENDS, SETITEMS, ADDITEMS) only records the data, so a `__reduce__` payload such as
-`(os.system, ("rm -rf ~",))` shows up as `<unpicklable: posix.system args=('rm -rf ~',)>` and
+`(os.system, ("rm -rf ~",))` shows up as `<not decoded: posix.system args=('rm -rf ~',)>` and
 nothing runs. Persistent ids are refused. What is not guarded against: a pickle that allocates a
 lot of memory through an allowed constructor (it is a denial of service, not code execution).
 """
@@ -39,7 +39,7 @@ class _OpaqueType(type):
     _pmnc_name: str
 
     def __repr__(cls) -> str:
-        return f"<unpicklable: {cls._pmnc_name}>"
+        return f"<not decoded: {cls._pmnc_name}>"
 
 
 class Opaque(metaclass=_OpaqueType):
@@ -86,7 +86,7 @@ class Opaque(metaclass=_OpaqueType):
 
     @reprlib.recursive_repr()
     def __repr__(self) -> str:
-        parts = [f"<unpicklable: {self._pmnc_name}"]
+        parts = [f"<not decoded: {self._pmnc_name}"]
         parts += [f"args={self.args!r}"] if self.args else []
         parts += [f"kwargs={self.kwargs!r}"] if self.kwargs else []
         parts += [f"state={self.state!r}"] if self.state is not None else []

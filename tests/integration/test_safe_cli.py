@@ -136,6 +136,16 @@ def test_load_replaces_the_keys_it_has_and_leaves_the_others(tmp_path: Path) -> 
         assert dict(safe.items()) == {"shared": "new", "added": 1, "kept": [2]}
 
 
+def test_a_dump_that_cannot_be_written_names_the_file_given(tmp_path: Path) -> None:
+    make_safe(tmp_path / "src", {"k": 1})
+    target = tmp_path / "nodir" / "x"
+    result = cli("dump", tmp_path / "src", "-o", target)
+    line = one_error_line(result, target)
+    assert line.startswith(f"{target}: cannot write the dump: "), line
+    assert ".x." not in line, "the temporary file is ours, not the user's"
+    assert not (tmp_path / "nodir").exists()
+
+
 def test_a_truncated_or_altered_dump_is_refused_before_anything_is_written(
     tmp_path: Path,
 ) -> None:
@@ -167,10 +177,10 @@ def test_get_shows_plain_data_and_never_runs_a_payload_without_trust(
     )
     result = cli("get", path, "evil")
     assert result.returncode == 0, result.stderr
-    assert b"<unpicklable: posix.system" in result.stdout
+    assert b"<not decoded: posix.system" in result.stdout
     assert not target.exists()
     result = cli("get", path, "user")
-    assert result.stdout.startswith(b"<unpicklable: pmnc_cli_models.User")
+    assert result.stdout.startswith(b"<not decoded: pmnc_cli_models.User")
     assert b"'name': 'ann'" in result.stdout
     assert cli("get", path, "n").stdout == b"5\n"
     assert not target.exists()

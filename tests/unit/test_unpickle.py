@@ -98,7 +98,7 @@ def test_reduce_payload_never_runs(tmp_path: Path, protocol: int, how: str) -> N
     value = loads(data)
     assert not target.exists()
     shown = repr(value)
-    assert "<unpicklable: " in shown
+    assert "<not decoded: " in shown
     assert ("io.open" if how == "open" else "system") in shown
     assert str(target) in shown  # the arguments are shown, as plain data
     control: Any = pickle.loads(data)  # the control: the real unpickler does run it
@@ -112,9 +112,9 @@ def test_unknown_classes_become_placeholders_with_their_data(protocol: int) -> N
     value: Any = loads(pickle.dumps([User(), User, Tags([1, 2]), Table(a=1)], protocol))
     user, cls, tags, table = value
     assert isinstance(user, Opaque)
-    assert repr(user).startswith(f"<unpicklable: {__name__}.User")
+    assert repr(user).startswith(f"<not decoded: {__name__}.User")
     assert "'name': 'bob'" in repr(user)  # self-reference shown as ..., no recursion error
-    assert repr(cls) == f"<unpicklable: {__name__}.User>"
+    assert repr(cls) == f"<not decoded: {__name__}.User>"
     assert "1, 2" in repr(tags)
     assert "'a': 1" in repr(table)
     if protocol >= 2:  # __slots__ without __getstate__ pickles from protocol 2 on
@@ -131,7 +131,7 @@ def test_finding_a_class_never_imports_its_module(tmp_path: Path) -> None:
         value = loads(data)
     finally:
         sys.path.remove(str(tmp_path))
-    assert repr(value) == "<unpicklable: pmnc_import_trap.Thing>"
+    assert repr(value) == "<not decoded: pmnc_import_trap.Thing>"
     assert "pmnc_import_trap" not in sys.modules
     assert not (tmp_path / "imported").exists()
 
@@ -139,9 +139,9 @@ def test_finding_a_class_never_imports_its_module(tmp_path: Path) -> None:
 def test_copyreg_helpers_map_to_placeholders() -> None:
     # copyreg.__newobj__ called by name, and _reconstructor with an unknown class.
     newobj = b"\x80\x02ccopyreg\n__newobj__\ncposix\nsystem\nX\x02\x00\x00\x00lsq\x00\x86R."
-    assert repr(loads(newobj)) == "<unpicklable: posix.system args=('ls',)>"
+    assert repr(loads(newobj)) == "<not decoded: posix.system args=('ls',)>"
     recon = b"ccopy_reg\n_reconstructor\n(cposix\nsystem\nc__builtin__\nobject\nNtR."
-    assert repr(loads(recon)).startswith("<unpicklable: posix.system")
+    assert repr(loads(recon)).startswith("<not decoded: posix.system")
 
 
 def test_allowed_helpers_refuse_what_could_run_code() -> None:
@@ -171,7 +171,7 @@ def test_an_unknown_tzinfo_keeps_the_datetime_as_a_placeholder() -> None:
     Zone.__qualname__ = "Zone"  # picklable by reference from this module
     globals()["Zone"] = Zone
     value = loads(pickle.dumps(datetime.datetime(2024, 1, 1, tzinfo=Zone()), 5))
-    assert repr(value).startswith("<unpicklable: datetime.datetime args=(")
+    assert repr(value).startswith("<not decoded: datetime.datetime args=(")
 
 
 @pytest.mark.parametrize(
