@@ -10,17 +10,26 @@ from typing import Any
 from helpers import Client, Node, once
 
 WEBAPP = Path(__file__).resolve().parents[2] / "examples" / "webapp" / "modules"
-T0 = 1_700_000_000.0  # a fixed "now" for the sessions test
+T0 = 1_700_000_000.0  # the stepped clock's start
 
 
-def test_sessions_expire_slide_and_purge(node_factory: Callable[..., Node]) -> None:
-    node = node_factory(WEBAPP, workers=2, threads=2).start()
+def test_sessions_expire_slide_and_purge(tmp_path: Path, node_factory: Callable[..., Node]) -> None:
+    """The example's own code, with its private `_clock` reading a file the test steps: expiry
+    is checked at exact times, never by sleeping."""
+    clock = tmp_path / "clock"
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    source = (WEBAPP / "sessions.py").read_text()
+    (modules / "sessions.py").write_text(
+        source + f"\n\ndef _clock() -> float:\n    return float(open({str(clock)!r}).read())\n"
+    )
+    node = node_factory(modules, workers=2, threads=2).start()
     client = Client(node.port)
 
     def call(function: str, at: float, **kwargs: object) -> Any:
-        return client.result("sessions", function, now=T0 + at, **kwargs)
+        clock.write_text(repr(T0 + at))
+        return client.result("sessions", function, **kwargs)
 
-    # The clock is stepped through `now`, never slept: no margin to lose on a loaded machine.
     made = call("create", 0, user="alice", ttl=60, data={"cart": 1})
     token = made["token"]
     assert made["expires"] == T0 + 60
@@ -37,16 +46,22 @@ def test_sessions_expire_slide_and_purge(node_factory: Callable[..., Node]) -> N
     assert call("count", 99) == 1
     assert call("purge", 99) == 1  # bob's
     assert call("purge", 100) == 1  # alice's
-    assert call("count", 0) == 0
-    # Without `now`, the real clock: a fresh session is live.
+    assert call("count", 100) == 0
+    status, answer = client.call("sessions", "create", user="carol", ttl=-1)
+    assert status == 500 and answer["error"].startswith("ValueError: ttl")
+    status, answer = client.call("sessions", "get", token=token, now=0)
+    assert status == 400, "a client cannot pass its own clock"
+    assert call("delete", 100, token=short) is False
+    client.close()
+    assert node.stop() == 0
+
+
+def test_the_example_sessions_use_the_real_clock(node_factory: Callable[..., Node]) -> None:
+    node = node_factory(WEBAPP, workers=1, threads=2).start()
+    client = Client(node.port)
     live = client.result("sessions", "create", user="dave")["token"]
     assert client.result("sessions", "get", token=live)["user"] == "dave"
     assert client.result("sessions", "count") == 1
-    status, answer = client.call("sessions", "create", user="carol", ttl=-1)
-    assert status == 500 and answer["error"].startswith("ValueError: ttl")
-    status, answer = client.call("sessions", "get", token=live, now="soon")
-    assert status == 500 and answer["error"].startswith("ValueError: now")
-    assert client.result("sessions", "delete", token=short) is False
     assert client.result("sessions", "delete", token=live) is True
     client.close()
     assert node.stop() == 0

@@ -8,8 +8,8 @@ so two workers touching the same session at once cannot resurrect an older copy 
 expired session is dead for good: `get` and `touch` ignore it and `purge` deletes it, which is
 why `purge` may read and delete in two transactions without losing a session touched meanwhile.
 
-Every function that looks at the clock takes an optional keyword `now` (seconds since the epoch,
-default `time.time()`): tests use it to step through expiry without sleeping.
+The clock is the module-level `_clock` (time.time): a client cannot choose the time it is judged
+by; tests load a copy of this file whose `_clock` they step, instead of sleeping.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ pmnc_safe: Safe = globals()["pmnc_safe"]
 
 DEFAULT_TTL = 1800.0  # seconds a session lives without a touch
 MAX_TTL = 86400.0 * 30
+_clock = time.time  # what "now" is; private, so no request can pass another one
 
 
 class _Gone(Exception):
@@ -36,14 +37,12 @@ def create(
     user: str,
     ttl: float = DEFAULT_TTL,
     data: dict[str, Any] | None = None,
-    *,
-    now: float | None = None,
 ) -> dict[str, Any]:
     """Start a session for `user` that expires `ttl` seconds after its last touch."""
     if not isinstance(user, str) or not user:
         raise ValueError("user must be a non-empty string")
     ttl = _ttl(ttl)
-    now = _now(now)
+    now = _clock()
     token = secrets.token_urlsafe(18)
     session = {
         "user": user,
@@ -56,20 +55,18 @@ def create(
     return {"token": token, **session}
 
 
-def get(token: str, *, now: float | None = None) -> dict[str, Any] | None:
+def get(token: str) -> dict[str, Any] | None:
     """The live session under `token`, None if there is none or it expired."""
-    now = _now(now)
+    now = _clock()
     session = pmnc_safe.get(token)
     if not isinstance(session, dict) or session["expires"] <= now:
         return None
     return session
 
 
-def touch(
-    token: str, data: dict[str, Any] | None = None, *, now: float | None = None
-) -> dict[str, Any] | None:
+def touch(token: str, data: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Push a live session's expiry `ttl` s from now (merging `data` into it); None if dead."""
-    now = _now(now)
+    now = _clock()
 
     def extend(session: object) -> dict[str, Any]:
         if not isinstance(session, dict) or session["expires"] <= now:
@@ -93,15 +90,15 @@ def delete(token: str) -> bool:
     return pmnc_safe.pop(token, None) is not None
 
 
-def count(*, now: float | None = None) -> int:
+def count() -> int:
     """How many sessions are live now."""
-    now = _now(now)
+    now = _clock()
     return sum(1 for s in pmnc_safe.values() if isinstance(s, dict) and s["expires"] > now)
 
 
-def purge(*, now: float | None = None) -> int:
+def purge() -> int:
     """Delete every expired session; how many were deleted."""
-    now = _now(now)
+    now = _clock()
     expired = [t for t, s in pmnc_safe.items() if isinstance(s, dict) and s["expires"] <= now]
     return sum(1 for t in expired if pmnc_safe.pop(t, None) is not None)
 
@@ -110,11 +107,3 @@ def _ttl(ttl: object) -> float:
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TTL:
         raise ValueError(f"ttl must be a number of seconds in (0, {MAX_TTL:g}], got {ttl!r}")
     return float(ttl)
-
-
-def _now(now: object) -> float:
-    if now is None:
-        return time.time()
-    if isinstance(now, bool) or not isinstance(now, int | float) or now != now:
-        raise ValueError(f"now must be a number of seconds since the epoch, got {now!r}")
-    return float(now)
