@@ -37,6 +37,29 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process of process group `pgid` is left.
+
+    From /proc rather than killpg(pgid, 0): orphaned zombies that no init reaps would count.
+    """
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                return True
+    return False
+
+
+def wait_group_gone(pgid: int, timeout: float) -> bool:
+    """Wait (bounded) until no live process of group `pgid` is left; whether it happened."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not group_alive(pgid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def pmnc_runtime() -> list[str]:
     """The command line of `pmnc-runtime` for this interpreter (the script, or the module)."""
     script = Path(sys.executable).parent / "pmnc-runtime"
@@ -162,20 +185,10 @@ class NodeProcess:
 
     def group_alive(self) -> bool:
         """Whether a live (not zombie) process of the node's process group is left."""
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = stat.read_text().rpartition(")")[2].split()
-                if fields[0] != "Z" and int(fields[2]) == self.pid:
-                    return True
-        return False
+        return group_alive(self.pid)
 
     def wait_group_gone(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.group_alive():
-                return True
-            time.sleep(0.02)
-        return False
+        return wait_group_gone(self.pid, timeout)
 
 
 class Client:

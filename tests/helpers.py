@@ -11,29 +11,34 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
+from pmnc.runtime.harness import free_port, group_alive, pmnc_runtime, wait_group_gone
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "modules"
 
 
-def free_port() -> int:
-    """A port that was free a moment ago (the kernel's pick for port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+__all__ = [
+    "EXAMPLES",
+    "STARTED",
+    "Client",
+    "Node",
+    "cli",
+    "free_port",
+    "once",
+    "wait_gone",
+    "wait_serving",
+    "wait_started",
+    "worker_pids",
+    "write_config",
+    "write_modules",
+]
 
-
-def cli() -> list[str]:
-    """The installed console script, or the CLI module when run from a bare checkout."""
-    script = Path(sys.executable).parent / "pmnc-runtime"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "pmnc.runtime.cli"]
+cli = pmnc_runtime  # the installed console script, or the CLI module from a bare checkout
 
 
 def write_modules(directory: Path, modules: dict[str, str]) -> Path:
@@ -127,24 +132,10 @@ class Node:
         return self.wait(timeout)
 
     def group_alive(self) -> bool:
-        """Whether a live (not zombie) process of the node's process group is still there.
-
-        From /proc rather than killpg(0): orphaned zombies that no init reaps would count.
-        """
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = stat.read_text().rpartition(")")[2].split()
-                if fields[0] != "Z" and int(fields[2]) == self.pid:
-                    return True
-        return False
+        return group_alive(self.pid)
 
     def wait_group_gone(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.group_alive():
-                return True
-            time.sleep(0.02)
-        return False
+        return wait_group_gone(self.pid, timeout)
 
     def kill_group(self) -> None:
         """Teardown: SIGKILL the whole group, bounded wait for the supervisor."""
