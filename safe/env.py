@@ -13,7 +13,9 @@ notes) and is proven again by the tests under tests/integration/test_safe_*.py:
   (an extra reference that is never released) and forgets them.
 - Lock timeouts are only evaluated when the deadlock detector runs, and a waiter blocked on a lock
   whose holder died is never woken otherwise: the maintenance thread runs the detector for expired
-  lock requests every tick so that every wait is bounded.
+  lock requests every tick so that every lock wait is bounded. (A wait on a region mutex that a
+  killed process held is not: libdb 5.3's mutexes are not robust; only killing the waiter ends it,
+  which is what the runtime's supervisor does.)
 - A file-backed region that grows on a full disk kills the process with SIGBUS, so writes are
   refused with SafeNoSpaceError while free space is under a reserve.
 - Checkpoints with DB_LOG_AUTO_REMOVE keep the logs, and recovery time, bounded.
@@ -84,6 +86,8 @@ CHECKPOINT_KBYTES = 2 * 1024
 BACKOFF_MAX_S = 0.05
 # Every this many ticks, look for registered processes that died (see _check_registrants).
 REGISTRANT_CHECK_TICKS = 3
+# How long close() waits for calls still running in other threads before leaving the env open.
+CLOSE_WAIT_S = 5.0
 # How long a free-space reading is trusted before statvfs is asked again.
 SPACE_CHECK_PERIOD_S = 0.2
 LATENCY_SAMPLES = 2048
@@ -128,10 +132,10 @@ class _Stats:
         self.retries = 0
 
     def record(self, what: str, seconds: float, retries: int) -> None:
-        entry = self.by_op.get(what)
-        if entry is None:
-            entry = self.by_op.setdefault(what, _OpStats())
         with self.lock:
+            entry = self.by_op.get(what)
+            if entry is None:
+                entry = self.by_op[what] = _OpStats()
             entry.count += 1
             entry.samples.append(seconds)
             if retries:
@@ -157,6 +161,11 @@ class _Stats:
                 "retries": self.retries,
                 "latency": latency,
             }
+
+
+def _peek(counter: itertools.count[int]) -> int:
+    """The next value of an itertools.count, without consuming it."""
+    return next(copy.copy(counter))
 
 
 def _pin(obj: object) -> None:
@@ -374,7 +383,12 @@ class Environment:
         self.panicked = False
         self.closed = False
         self.stats = _Stats()
+        # Atomic under the GIL: calls (and plain reads) started and finished, so that close()
+        # can wait for those in flight before it closes the handles under them.
         self._reads = itertools.count(1)
+        self._reads_done = itertools.count(1)
+        self._calls = itertools.count(1)
+        self._calls_done = itertools.count(1)
         self._checkpoint_interval = checkpoint_interval
         self._free_checked_at = 0.0
         self._free_bytes = 0
@@ -398,7 +412,13 @@ class Environment:
         # A second descriptor on DB_REGISTER's file, to see which registered processes died. It
         # is closed only after the environment: closing any descriptor of that file drops this
         # process's own registration lock (fcntl semantics).
-        self._register_fd = os.open(path / REGISTER_FILE, os.O_RDONLY)
+        try:
+            self._register_fd = os.open(path / REGISTER_FILE, os.O_RDONLY)
+        except OSError as e:
+            with contextlib.suppress(db.DBError):
+                self._db.close()
+            _close_env(self._env, None)
+            raise translate(path, "open", e) from e
         self._suspects: set[int] = set()
         self.panic_cause = ""
         self._stop = threading.Event()
@@ -418,6 +438,15 @@ class Environment:
         Deadlocks and expired lock waits are retried with jittered exponential backoff until
         `options.timeout`; then SafeTimeoutError, raised from the last Berkeley DB error.
         """
+        next(self._calls)  # counted before the check: close() waits for calls in flight
+        try:
+            return self._call(what, options, body, *args, **kwargs)
+        finally:
+            next(self._calls_done)
+
+    def _call(
+        self, what: str, options: Options, body: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> T:
         if self.closed or self.panicked or self.generation != _fork_generation:
             self._raise_unusable(what)
         started = time.perf_counter()
@@ -456,15 +485,19 @@ class Environment:
         READ_SAMPLE_EVERY is timed for the latency percentiles. A failed attempt is done again
         through `call`, which retries, bounds and translates.
         """
-        if self.closed or self.panicked or self.generation != _fork_generation:
-            self._raise_unusable(what)
-        if next(self._reads) % READ_SAMPLE_EVERY == 0:
-            return self.call(what, options, self.get, key)
+        sample = next(self._reads) % READ_SAMPLE_EVERY == 0  # counted before the check: see close
         try:
-            value: bytes | None = self._db.get(key)
-        except db.DBError:
-            return self.call(what, options, self.get, key)
-        return value
+            if self.closed or self.panicked or self.generation != _fork_generation:
+                self._raise_unusable(what)
+            if sample:
+                return self.call(what, options, self.get, key)
+            try:
+                value: bytes | None = self._db.get(key)
+            except db.DBError:
+                return self.call(what, options, self.get, key)
+            return value
+        finally:
+            next(self._reads_done)
 
     def _raise_unusable(self, what: str) -> None:
         if self.generation != _fork_generation:
@@ -512,7 +545,10 @@ class Environment:
         now = time.monotonic()
         margin = self._free_bytes - options.min_free_space
         if now - self._free_checked_at > SPACE_CHECK_PERIOD_S or self._written * 2 > margin // 2:
-            st = os.statvfs(self.path)
+            try:
+                st = os.statvfs(self.path)
+            except OSError as e:
+                raise translate(self.path, what, e) from e
             self._free_bytes = st.f_bavail * st.f_frsize
             self._free_checked_at = now
             self._written = 0
@@ -624,7 +660,16 @@ class Environment:
 
     def reads(self) -> int:
         """Plain reads so far (sampled ones included)."""
-        return next(copy.copy(self._reads)) - 1  # peeks without consuming
+        return _peek(self._reads) - 1
+
+    def in_flight(self) -> int:
+        """Calls and plain reads started and not finished yet."""
+        return (
+            _peek(self._calls)
+            - _peek(self._calls_done)
+            + _peek(self._reads)
+            - _peek(self._reads_done)
+        )
 
     def info(self) -> dict[str, Any]:
         """Environment-wide figures: log, checkpoint, cache."""
@@ -706,6 +751,16 @@ class Environment:
             return  # inherited across fork: pinned by forget_inherited, never closed here
         self._stop.set()
         self._thread.join(timeout=5.0)
+        # Calls already past their closed check (other threads, e.g. daemon threads at exit)
+        # finish first: closing the handles under them crashed the process (SIGSEGV).
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while self.in_flight() > 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        busy = self.in_flight() > 0
+        if busy and not self.panic_cause:
+            self.panic_cause = "calls still running in other threads at close"
+        if busy:
+            self.panicked = True
         if not self.panicked and not self._thread.is_alive():
             try:
                 self.checkpoint()
@@ -807,7 +862,14 @@ def release(env: Environment) -> None:
             del _registry[env.path]
         # Under the lock: a concurrent open of the same path must not create a second DBEnv
         # while this one is still open (DB_REGISTER allows one per process).
-        env.close()
+        try:
+            env.close()
+        except SafeNeedsRecoveryError:
+            # Left open (pinned): it stays registered, so that opening the path again in this
+            # process fails as needing recovery instead of opening a second DBEnv (BDB1528).
+            env.panicked = True
+            _registry[env.path] = env
+            raise
 
 
 def _after_fork_in_child() -> None:
@@ -821,11 +883,13 @@ def _after_fork_in_child() -> None:
 
 
 def _close_all_at_exit() -> None:
-    for env in list(_registry.values()):
-        if env.pid == os.getpid():
-            with contextlib.suppress(SafeError):
-                env.close()
-    _registry.clear()
+    """Close what the program left open (daemon threads may still be calling: close waits)."""
+    with _registry_lock:
+        for env in list(_registry.values()):
+            if env.pid == os.getpid():
+                with contextlib.suppress(SafeError):
+                    env.close()
+        _registry.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -1041,13 +1105,19 @@ def backup(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
             "the destination exists and is not an empty directory",
             "give a new or empty directory",
         )
-    st = os.statvfs(key)
     needed = sum(
         p.stat().st_size for p in key.iterdir() if p.name == DB_FILE or p.name[:4] == "log."
     )
-    if os.path.exists(target.parent) and os.statvfs(target.parent).f_bavail * st.f_frsize < needed:
-        raise SafeNoSpaceError(target, "back up", f"needs about {needed >> 20} MiB", "free space")
-    target.mkdir(parents=True, exist_ok=True)
+    if os.path.exists(target.parent):
+        free = os.statvfs(target.parent)
+        if free.f_bavail * free.f_frsize < needed:
+            raise SafeNoSpaceError(
+                target, "back up", f"needs about {needed >> 20} MiB", "free space"
+            )
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise translate(target, "back up", e) from e
     environment = acquire(
         key,
         cache_size=8 << 20,

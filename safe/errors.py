@@ -22,6 +22,11 @@ class SafeError(Exception):
             message += f" ({todo})"
         super().__init__(message)
 
+    def __reduce__(self) -> tuple[type[SafeError], tuple[Path, str, str, str]]:
+        # Rebuilt from its parts (args holds only the message), so that it survives pickling:
+        # multiprocessing and concurrent.futures send exceptions between processes.
+        return (type(self), (self.path, self.what, self.why, self.todo))
+
 
 class SafeClosedError(SafeError):
     """The safe was closed; open it again to use it."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import threading
 from collections.abc import (
     Callable,
     ItemsView,
@@ -73,6 +74,7 @@ class Safe(MutableMapping[str, object]):
         self._options = options
         self._max_value_size = max_value_size
         self._closed = False
+        self._close_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -132,9 +134,10 @@ class Safe(MutableMapping[str, object]):
         SafeClosedError, but a call still running in another thread when the environment is
         closed under it is a programming error (as with any handle).
         """
-        if self._closed:
-            return
-        self._closed = True
+        with self._close_lock:  # two threads closing one Safe must release it once
+            if self._closed:
+                return
+            self._closed = True
         _env.release(self._environment)
 
     def __enter__(self) -> Safe:
@@ -333,7 +336,12 @@ class Safe(MutableMapping[str, object]):
         Everything is encoded first, so a bad key or an unpicklable value stores nothing.
         A transaction takes one lock per page it writes: keep one call to some thousands of items.
         """
-        pairs = other.items() if isinstance(other, Mapping) else other
+        # As dict.update: anything with keys() is a mapping, anything else gives pairs.
+        pairs = (
+            ((k, other[k]) for k in other.keys())  # type: ignore[index]  # noqa: SIM118
+            if hasattr(other, "keys")
+            else other
+        )
         encoded = [(_encode_key(k), self._dumps(v)) for k, v in pairs]
         encoded += [(_encode_key(k), self._dumps(v)) for k, v in kwargs.items()]
         if not encoded:
@@ -399,14 +407,18 @@ class Safe(MutableMapping[str, object]):
     def stats(self) -> dict[str, Any]:
         """This process's counters for the safe (shared by its openings) and environment figures."""
         environment = self._environment_for("stats")
+        # Through the funnel first: it refuses a Safe inherited across fork, whose counters
+        # (and their lock, perhaps held at the fork) are the parent's.
+        info = environment.call("stats", self._options, environment.info)
         figures: dict[str, Any] = environment.stats.snapshot()
         # Plain reads are counted apart from the other calls (only some are timed).
-        ops = {k: v for k, v in figures["ops"].items() if k not in ("get", "contains")}
+        # ("stats" itself is not the safe's load.)
+        ops = {k: v for k, v in figures["ops"].items() if k not in ("get", "contains", "stats")}
         reads = environment.reads()
         if reads:
             ops["read"] = reads
         figures["ops"] = ops
-        figures.update(environment.call("stats", self._options, environment.info))
+        figures.update(info)
         return figures
 
 

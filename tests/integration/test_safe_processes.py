@@ -372,6 +372,9 @@ def test_closing_a_safe_whose_environment_needs_recovery_says_so(tmp_path: Path)
             time.sleep(0.05)
         with pytest.raises(SafeNeedsRecoveryError, match="left open"):
             s.close()
+        # Still registered in this process: no second DBEnv (BDB1528), a clear error instead.
+        with pytest.raises(SafeNeedsRecoveryError, match="panicked handle"):
+            Safe.open(path, recover=False)
 
     v = fork(victim, errors)
     pid = fork(survivor, errors)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -300,3 +306,72 @@ def test_a_second_name_for_an_open_safe_shares_its_environment(tmp_path: Path) -
         with Safe.open(tmp_path / "link") as b:
             assert b["k"] == 1
             assert b.path == a.path
+
+
+class _KeysOnly:
+    """Has keys() and [] but is no Mapping: dict.update treats it as a mapping."""
+
+    def __init__(self, data: dict[str, object]) -> None:
+        self._data = data
+
+    def keys(self) -> list[str]:
+        return list(self._data)
+
+    def __getitem__(self, key: str) -> object:
+        return self._data[key]
+
+
+def test_update_treats_anything_with_keys_as_a_mapping_like_dict(safe: Safe) -> None:
+    safe.update(_KeysOnly({"ab": 1, "cd": 2}))  # type: ignore[arg-type]
+    expected: dict[str, object] = {}
+    expected.update(_KeysOnly({"ab": 1, "cd": 2}))  # type: ignore[call-overload]
+    assert dict(safe) == expected == {"ab": 1, "cd": 2}
+
+
+def test_safe_errors_survive_pickling(tmp_path: Path) -> None:
+    s = Safe.open(tmp_path / "s")
+    s.close()
+    with pytest.raises(SafeClosedError) as info:
+        s["k"]
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert type(copy) is SafeClosedError
+    assert str(copy) == str(info.value)
+    assert copy.path == tmp_path / "s"
+
+
+def test_a_safe_whose_directory_vanished_raises_safe_error(tmp_path: Path) -> None:
+    s = Safe.open(tmp_path / "s")
+    try:
+        shutil.rmtree(tmp_path / "s")
+        time.sleep(0.25)  # past the free-space reading's period
+        with pytest.raises(SafeError) as info:
+            s["k"] = 1
+        assert str(tmp_path / "s") in str(info.value)
+    finally:
+        with contextlib.suppress(SafeError):
+            s.close()
+
+
+def test_exit_with_daemon_threads_still_writing_does_not_crash(tmp_path: Path) -> None:
+    """The exit hook waits for calls in flight before closing the handles under them."""
+    script = textwrap.dedent(f"""
+        import threading
+        from pmnc.safe import Safe
+        s = Safe.open({str(tmp_path / "s")!r})
+        def work(t):
+            i = 0
+            while True:
+                s[f"{{t}}.{{i % 50}}"] = i
+                i += 1
+        for t in range(8):
+            threading.Thread(target=work, args=(t,), daemon=True).start()
+        import time
+        time.sleep(0.3)
+    """)
+    for _ in range(6):
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    with Safe.open(tmp_path / "s") as s:  # and the safe opens cleanly afterwards
+        assert len(s) > 0
