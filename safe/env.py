@@ -163,6 +163,32 @@ class _Stats:
             }
 
 
+def _lock_directory(path: Path, what: str, *, exclusive: bool) -> int:
+    """flock the safe's directory: shared while a process has the safe open, exclusive for
+    operations that need it to themselves (recover, verify, restore), so that no process can
+    open it between their check and their work. Returns the descriptor that holds the lock."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        why = "in use by another process" if exclusive else "being recovered or restored"
+        raise SafeBusyError(path, what, why, "try again when it is done") from None
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def _exclusively(path: Path, what: str) -> Iterator[None]:
+    fd = _lock_directory(path, what, exclusive=True)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def _peek(counter: itertools.count[int]) -> int:
     """The next value of an itertools.count, without consuming it."""
     return next(copy.copy(counter))
@@ -398,6 +424,22 @@ class Environment:
             raise SafeError(
                 path, "open", "no such safe", "check the path, or open with create=True"
             )
+        self._dir_fd = _lock_directory(path, "open", exclusive=False)
+        try:
+            self._open_handles(
+                path,
+                cache_size=cache_size,
+                recover=recover,
+                create=create,
+                min_free_space=min_free_space,
+            )
+        except BaseException:
+            os.close(self._dir_fd)
+            raise
+
+    def _open_handles(
+        self, path: Path, *, cache_size: int, recover: bool, create: bool, min_free_space: int
+    ) -> None:
         self._env = _open_env(
             path,
             cache_size=cache_size,
@@ -795,6 +837,7 @@ class Environment:
             except db.DBError as e:
                 failure = failure or e
         os.close(self._register_fd)
+        os.close(self._dir_fd)  # last: the directory is free for recover/restore only now
         if failure is not None:
             raise translate(self.path, "close", failure) from failure
 
@@ -803,6 +846,9 @@ class Environment:
         _pin(self._env)
         _pin(self._db)
         self.refs = 0
+        # The parent's descriptor keeps its shared lock; the child's copy need not.
+        with contextlib.suppress(OSError):
+            os.close(self._dir_fd)
 
 
 # -- the per-process registry -------------------------------------------------------------------
@@ -998,6 +1044,11 @@ def recover(path: str | os.PathLike[str], *, catastrophic: bool = False) -> floa
             f"in use by pid {', '.join(map(str, pids))}",
             "stop those processes first",
         )
+    with _exclusively(key, "recover"):
+        return _recover_unused(key, catastrophic=catastrophic)
+
+
+def _recover_unused(key: Path, *, catastrophic: bool) -> float:
     started = time.monotonic()
     # Without DB_REGISTER, recovery always runs (with it, it is skipped when nobody died).
     env = _open_env(
@@ -1032,6 +1083,11 @@ def verify(path: str | os.PathLike[str]) -> None:
         raise SafeBusyError(
             key, "verify", f"in use by pid {', '.join(map(str, pids))}", "stop those processes"
         )
+    with _exclusively(key, "verify"):
+        _verify_file(key)
+
+
+def _verify_file(key: Path) -> None:
     handle = db.DB()
     try:
         handle.verify(str(key / DB_FILE))
@@ -1159,12 +1215,16 @@ def restore(backup_dir: str | os.PathLike[str], path: str | os.PathLike[str]) ->
             "the directory is not empty and is not a safe",
             "restore onto a safe, a new path or an empty directory",
         )
+    lock: int | None = None
     if key.exists():
         pids = users(key)
         if pids:
             raise SafeBusyError(
                 key, "restore", f"in use by pid {', '.join(map(str, pids))}", "stop them first"
             )
+        # Held until the swap is done: nobody can open the old safe meanwhile and write into
+        # what is about to be deleted.
+        lock = _lock_directory(key, "restore", exclusive=True)
     staging = key.parent / f".{key.name}.restore-{os.getpid()}"
     key.parent.mkdir(parents=True, exist_ok=True)
     _remove_tree(staging)
@@ -1181,6 +1241,8 @@ def restore(backup_dir: str | os.PathLike[str], path: str | os.PathLike[str]) ->
         return count
     finally:
         _remove_tree(staging)
+        if lock is not None:
+            os.close(lock)
 
 
 def _copy_files(source: Path, dest: Path) -> None:

@@ -17,6 +17,7 @@ from pmnc.safe import (
     users,
     verify,
 )
+from pmnc.safe.env import _exclusively
 
 
 def test_raw_access_never_unpickles(tmp_path: Path) -> None:
@@ -119,3 +120,21 @@ def test_restore_refuses_a_directory_that_is_not_a_safe(tmp_path: Path) -> None:
         restore(tmp_path / "b", docs)
     assert (docs / "precious.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "docs", "s"]
+
+
+def test_no_process_can_open_a_safe_while_it_is_recovered_or_restored(tmp_path: Path) -> None:
+    """recover, verify and restore hold the directory exclusively for their whole run: a process
+    cannot slip in between their "nobody uses it" check and their work (and, for restore, write
+    into the directory about to be replaced)."""
+    path = tmp_path / "s"
+    with Safe.open(path) as s:
+        s["k"] = 1
+    with (
+        _exclusively(path, "restore"),
+        pytest.raises(SafeBusyError, match="being recovered or restored"),
+    ):
+        Safe.open(path)
+    with Safe.open(path) as s:  # free again
+        assert s["k"] == 1
+        with pytest.raises(SafeBusyError):
+            _exclusively(path, "recover").__enter__()
