@@ -20,7 +20,7 @@ BLOCK = 512
 
 
 @dataclass
-class FsyncResult:
+class FsyncResult(histogram.Percentiles):
     variant: str
     ops: int
     seconds: float
@@ -29,14 +29,6 @@ class FsyncResult:
     @property
     def per_s(self) -> float:
         return self.ops / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def p50_ms(self) -> float:
-        return histogram.percentile(self.hist, 0.50)
-
-    @property
-    def p99_ms(self) -> float:
-        return histogram.percentile(self.hist, 0.99)
 
     def to_json(self) -> dict[str, object]:
         return {

@@ -64,3 +64,17 @@ def from_sparse(sparse: dict[int, int]) -> list[int]:
     for i, n in sparse.items():
         hist[int(i)] += n
     return hist
+
+
+class Percentiles:
+    """p50/p99 in ms of a result's latency histogram (`hist`), for the result dataclasses."""
+
+    hist: list[int]
+
+    @property
+    def p50_ms(self) -> float:
+        return percentile(self.hist, 0.50)
+
+    @property
+    def p99_ms(self) -> float:
+        return percentile(self.hist, 0.99)

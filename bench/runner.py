@@ -70,7 +70,7 @@ def needs_prefill(op: str) -> bool:
 
 
 @dataclass
-class CellResult:
+class CellResult(histogram.Percentiles):
     store: str
     op: str
     processes: int
@@ -92,14 +92,6 @@ class CellResult:
     @property
     def ops_per_s(self) -> float:
         return self.ops / self.duration if self.duration > 0 and not self.failed else 0.0
-
-    @property
-    def p50_ms(self) -> float:
-        return histogram.percentile(self.hist, 0.50)
-
-    @property
-    def p99_ms(self) -> float:
-        return histogram.percentile(self.hist, 0.99)
 
     def to_json(self) -> dict[str, object]:
         return {
