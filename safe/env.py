@@ -250,6 +250,24 @@ def _close_env(env: Any, failure: BaseException | None) -> None:
         env.close()
 
 
+@contextlib.contextmanager
+def _environment(path: Path, what: str, **open_args: Any) -> Iterator[Any]:
+    """A DBEnv for one whole-environment operation: Berkeley DB errors inside become SafeErrors
+    naming `what`, and the env is closed at the end (pinned instead if it panicked)."""
+    env = _open_env(path, **open_args)
+    failure: BaseException | None = None
+    try:
+        yield env
+    except SafeError as e:
+        failure = e
+        raise
+    except db.DBError as e:
+        failure = e
+        raise translate(path, what, e) from e
+    finally:
+        _close_env(env, failure)
+
+
 def _checkpoint_fully(env: Any) -> None:
     """Checkpoint twice: log removal keeps everything back to the start of the previous
     checkpoint, so the second one is what lets the log written before the first one go."""
@@ -960,22 +978,11 @@ def prepare(path: str | os.PathLike[str], *, cache_size: int, min_free_space: in
             )
     started = time.monotonic()
     _check_directory(key, create=True)
-    env = _open_env(
-        key, cache_size=cache_size, recover=db.DB_RECOVER, min_free_space=min_free_space
-    )
-    failure: BaseException | None = None
-    try:
-        handle = _open_db(key, env, create=True)
-        handle.close()
+    with _environment(
+        key, "prepare", cache_size=cache_size, recover=db.DB_RECOVER, min_free_space=min_free_space
+    ) as env:
+        _open_db(key, env, create=True).close()
         _checkpoint_fully(env)
-    except SafeError as e:
-        failure = e
-        raise
-    except db.DBError as e:
-        failure = e
-        raise translate(key, "prepare", e) from e
-    finally:
-        _close_env(env, failure)
     return time.monotonic() - started
 
 
@@ -1051,21 +1058,15 @@ def recover(path: str | os.PathLike[str], *, catastrophic: bool = False) -> floa
 def _recover_unused(key: Path, *, catastrophic: bool) -> float:
     started = time.monotonic()
     # Without DB_REGISTER, recovery always runs (with it, it is skipped when nobody died).
-    env = _open_env(
+    with _environment(
         key,
+        "recover",
         cache_size=RECOVERY_CACHE_SIZE,
         recover=db.DB_RECOVER_FATAL if catastrophic else db.DB_RECOVER,
         min_free_space=RECOVERY_CACHE_SIZE,
         register=False,
-    )
-    failure: BaseException | None = None
-    try:
+    ) as env:
         _checkpoint_fully(env)
-    except db.DBError as e:
-        failure = e
-        raise translate(key, "recover", e) from e
-    finally:
-        _close_env(env, failure)
     return time.monotonic() - started
 
 
@@ -1087,17 +1088,12 @@ def verify(path: str | os.PathLike[str]) -> None:
         _verify_file(key)
 
 
-def _verify_file(key: Path) -> None:
+def _verify_file(key: Path, todo: str = "restore it from a backup") -> None:
     handle = db.DB()
     try:
         handle.verify(str(key / DB_FILE))
     except db.DBError as e:
-        raise SafeCorruptError(
-            key,
-            "verify",
-            f"{DB_FILE} failed verification: {e}",
-            "restore it from a backup",
-        ) from e
+        raise SafeCorruptError(key, "verify", f"{DB_FILE} failed verification: {e}", todo) from e
 
 
 # -- backup and restore ---------------------------------------------------------------------------
@@ -1114,32 +1110,22 @@ def _check_backup_dir(key: Path) -> None:
 def _recover_copy(key: Path) -> int:
     """Catastrophic recovery on a private copy (no other process sees it), then count and
     verify its records; the copy is left as plain files (regions removed)."""
-    env = _open_env(
+    with _environment(
         key,
+        "recover the copy",
         cache_size=RECOVERY_CACHE_SIZE,
         recover=db.DB_RECOVER_FATAL,
         min_free_space=RECOVERY_CACHE_SIZE,
         register=False,
-    )
-    failure: BaseException | None = None
-    try:
+    ) as env:
         handle = db.DB(env)
         handle.open(DB_FILE, None, db.DB_BTREE, db.DB_AUTO_COMMIT | db.DB_RDONLY, 0o600)
         count: int = handle.stat()["ndata"]
         handle.close()
         _checkpoint_fully(env)
-    except db.DBError as e:
-        failure = e
-        raise translate(key, "recover the copy", e) from e
-    finally:
-        _close_env(env, failure)
     with contextlib.suppress(db.DBError):
         db.DBEnv().remove(str(key))
-    checker = db.DB()
-    try:
-        checker.verify(str(key / DB_FILE))
-    except db.DBError as e:
-        raise SafeCorruptError(key, "verify the copy", str(e), "take the backup again") from e
+    _verify_file(key, "take the backup again")
     return count
 
 
