@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "Node",
     "cli",
     "free_port",
+    "increment_concurrently",
     "once",
     "wait_gone",
     "wait_serving",
@@ -252,3 +254,29 @@ def once(port: int, module: str, function: str, **kwargs: Any) -> Any:
         return client.result(module, function, **kwargs)
     finally:
         client.close()
+
+
+def increment_concurrently(
+    port: int, name: str, *, threads: int, per_thread: int, timeout: float
+) -> None:
+    """`threads` clients each call counter.increment(name) `per_thread` times over keep-alive
+    connections; fails on any error, and on a thread still alive after `timeout` (deadlock)."""
+    failures: list[BaseException] = []
+
+    def hammer() -> None:
+        client = Client(port)
+        try:
+            for _ in range(per_thread):
+                client.result("counter", "increment", name=name)
+        except BaseException as e:
+            failures.append(e)
+        finally:
+            client.close()
+
+    pool = [threading.Thread(target=hammer) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout)
+    assert not [t for t in pool if t.is_alive()], "client threads deadlocked"
+    assert not failures, failures

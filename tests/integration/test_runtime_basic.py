@@ -15,6 +15,7 @@ from helpers import (
     STARTED,
     Client,
     Node,
+    increment_concurrently,
     once,
     wait_serving,
     wait_started,
@@ -191,25 +192,7 @@ def test_concurrent_increments_over_http_are_exact(
 ) -> None:
     node = node_factory(modules_with_probe(tmp_path), workers=2, threads=4).start()
     threads, per_thread = 4, 150
-    failures: list[BaseException] = []
-
-    def hammer() -> None:
-        client = Client(node.port)
-        try:
-            for _ in range(per_thread):
-                client.result("counter", "increment", name="shared")
-        except BaseException as e:
-            failures.append(e)
-        finally:
-            client.close()
-
-    pool = [threading.Thread(target=hammer) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join(60)
-    assert not [t for t in pool if t.is_alive()], "client threads deadlocked"
-    assert not failures, failures
+    increment_concurrently(node.port, "shared", threads=threads, per_thread=per_thread, timeout=60)
     assert once(node.port, "counter", "get", name="shared") == threads * per_thread
     assert node.stop() == 0
 

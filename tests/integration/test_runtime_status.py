@@ -13,7 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from helpers import EXAMPLES, Client, Node, cli, free_port, wait_serving, worker_pids
+from helpers import (
+    EXAMPLES,
+    Client,
+    Node,
+    cli,
+    free_port,
+    increment_concurrently,
+    wait_serving,
+    worker_pids,
+)
 
 
 def get_status(port: int, method: str = "GET", timeout: float = 5.0) -> tuple[int, Any]:
@@ -67,25 +76,9 @@ def test_status_reflects_a_known_load(node_factory: Callable[..., Node]) -> None
         assert code == 405 and answer["error"].startswith("MethodNotAllowed"), answer
 
     calls, threads = 200, 4
-    failures: list[BaseException] = []
-
-    def hammer() -> None:
-        client = Client(node.port)
-        try:
-            for _ in range(calls // threads):
-                client.result("counter", "increment", name="load")
-        except BaseException as e:
-            failures.append(e)
-        finally:
-            client.close()
-
-    pool = [threading.Thread(target=hammer) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join(30)
-    assert not [t for t in pool if t.is_alive()], "client threads deadlocked"
-    assert not failures, failures
+    increment_concurrently(
+        node.port, "load", threads=threads, per_thread=calls // threads, timeout=30
+    )
 
     doc = wait_status(node.port, lambda d: modify_ops(d) >= calls and d["requests"] >= calls)
     assert sum(w["requests"] for w in doc["workers"]) == doc["requests"]
