@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import os
 import pickle
+import stat
 import sys
 import tempfile
 import time
@@ -47,6 +48,9 @@ OK, FAILED, USAGE, ERROR, UNDECODABLE = 0, 1, 2, 3, 4
 
 # The data file every safe directory holds (pmnc.safe's layout; see the module docstring).
 DATA_FILE = "safe.db"
+# A dump file's mode, whatever the umask: it holds every value of the safe (README).
+DUMP_MODE = 0o600
+BACKUP_DIR_MODE = 0o700
 # Values written per checkpoint while loading (writes are non-durable until then, for speed).
 LOAD_CHECKPOINT_EVERY = 10_000
 
@@ -308,21 +312,33 @@ def _get(args: argparse.Namespace) -> int:
 
 
 def _dump(args: argparse.Namespace) -> int:
-    """Stream every record; a file is written beside its name and renamed when complete."""
+    """Stream every record; a file is written beside its name and renamed when complete.
+
+    A dump holds every value of the safe, so a file it creates is its owner's only (0600),
+    also when it replaces an existing file. What the user names that is not a plain file (a
+    device such as /dev/stdout, a FIFO) or a symlink is written through as it is: its mode and
+    the file it points to are not ours to change or replace.
+    """
     path = _require_safe(args.safe)
+    target = Path(args.output)
     to_stdout = args.output == "-"
+    # /dev/stdout is a symlink too: a summary on stdout could land in the dump itself.
+    through = not to_stdout and (target.is_symlink() or (target.exists() and not target.is_file()))
     with _opened(path) as safe:
         total = len(safe)
         if to_stdout:
             count = _dump_to(safe, sys.stdout.buffer, total, args.progress)
         else:
-            target = Path(args.output)
             try:
-                count = _dump_file(safe, target, total, args.progress)
+                if through:
+                    count = _dump_through(safe, target, total, args.progress)
+                else:
+                    count = _dump_file(safe, target, total, args.progress)
             except OSError as e:  # the file the user named, not our temporary one beside it
                 raise CommandError(target, f"cannot write the dump: {e.strerror or e}") from e
     where = "stdout" if to_stdout else args.output
-    print(f"{path}: dumped {count} keys to {where}", file=sys.stderr if to_stdout else sys.stdout)
+    summary = sys.stderr if to_stdout or through else sys.stdout
+    print(f"{path}: dumped {count} keys to {where}", file=summary)
     return OK
 
 
@@ -330,6 +346,7 @@ def _dump_file(safe: Safe, target: Path, total: int, progress: bool) -> int:
     """Dump into a temporary file beside `target`, renamed to it once complete and on disk."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
     try:
+        os.fchmod(fd, DUMP_MODE)  # mkstemp's 0600 is cut by the umask: make it exact
         with os.fdopen(fd, "wb") as stream:
             count = _dump_to(safe, stream, total, progress)
             os.fsync(stream.fileno())
@@ -338,6 +355,15 @@ def _dump_file(safe: Safe, target: Path, total: int, progress: bool) -> int:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return count
+
+
+def _dump_through(safe: Safe, target: Path, total: int, progress: bool) -> int:
+    """Write into what the user named as it is (a device, a FIFO, a symlink's target)."""
+    with open(target, "wb") as stream:
+        count = _dump_to(safe, stream, total, progress)
+        if stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+            os.fsync(stream.fileno())
     return count
 
 
@@ -436,7 +462,12 @@ def _backup(args: argparse.Namespace) -> int:
         _require_safe(source)  # says why it is neither a safe nor a data_dir
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise CommandError(dest, "the destination exists and is not an empty directory")
-    for path in _safes_under(source):
+    safes = _safes_under(source)
+    # DEST holds copies of the data: 0700 like each backup in it (pmnc.safe makes a missing
+    # DEST so, as it makes every directory it creates for a safe).
+    if dest.is_dir() and safes and dest.stat().st_uid == os.geteuid():
+        os.chmod(dest, BACKUP_DIR_MODE)
+    for path in safes:
         count = safe_backup(path, dest / path.name)
         print(f"{path}: backed up {count} keys to {dest / path.name}")
     return OK

@@ -24,6 +24,7 @@ notes) and is proven again by the tests under tests/integration/test_safe_*.py:
 from __future__ import annotations
 
 import atexit
+import bisect
 import contextlib
 import copy
 import ctypes
@@ -63,6 +64,11 @@ T = TypeVar("T")
 
 DB_FILE = "safe.db"
 REGISTER_FILE = "__db.register"
+# A safe's data is its owner's alone, whatever the umask (README, "Operating safes"): every
+# directory made to hold one is 0700 and every file in it 0600 (tests/integration/
+# test_file_modes.py walks them under umask 022 and 000).
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 ENV_FLAGS = (
     db.DB_CREATE
@@ -91,6 +97,13 @@ CLOSE_WAIT_S = 5.0
 # How long a free-space reading is trusted before statvfs is asked again.
 SPACE_CHECK_PERIOD_S = 0.2
 LATENCY_SAMPLES = 2048
+# Upper bounds (s) of the operation duration histogram's buckets, last one +Inf: from a cached
+# read (~10 us) to a durable write (~1-5 ms with fsync) to a call stuck in lock waits (the 10 s
+# default timeout). Fixed, so that every process's counts add up bucket by bucket.
+DURATION_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 # Cache of an environment that recovery (re)creates outside any Safe.open.
 RECOVERY_CACHE_SIZE = 32 << 20
 # One plain read in this many is timed (and counted by `call`); the others are only counted.
@@ -115,11 +128,17 @@ class Options:
 
 
 class _OpStats:
-    __slots__ = ("count", "samples")
+    __slots__ = ("buckets", "count", "nanoseconds", "samples")
 
     def __init__(self) -> None:
         self.count = 0
+        # The recent samples give p50/p99 of the last moments (`/_status`); the bucket counts
+        # and their sum never forget, so they add up across processes (`/metrics` histogram).
         self.samples: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        # Integer nanoseconds: sums of several processes' figures then add up to the same total
+        # in any order (float additions do not, and a total must never seem to go backwards).
+        self.nanoseconds = 0
 
 
 class _Stats:
@@ -138,6 +157,8 @@ class _Stats:
                 entry = self.by_op[what] = _OpStats()
             entry.count += 1
             entry.samples.append(seconds)
+            entry.buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1  # le: <= bound
+            entry.nanoseconds += round(seconds * 1e9)
             if retries:
                 self.retries += retries
 
@@ -160,6 +181,10 @@ class _Stats:
                 "errors": dict(self.errors),
                 "retries": self.retries,
                 "latency": latency,
+                "durations": {
+                    what: {"counts": list(entry.buckets), "sum_ns": entry.nanoseconds}
+                    for what, entry in self.by_op.items()
+                },
             }
 
 
@@ -224,10 +249,17 @@ def _open_env(
         env.set_lk_detect(db.DB_LOCK_DEFAULT)
         env.set_timeout(int(LOCK_TIMEOUT_S * 1_000_000), db.DB_SET_LOCK_TIMEOUT)
         flags = ENV_FLAGS if register else ENV_FLAGS & ~db.DB_REGISTER
-        env.open(str(path), flags | recover, 0o600)
+        # Log files get FILE_MODE exactly (libdb fchmods them), not 0600 cut by the umask: set
+        # before the open for the logs recovery writes, and after it into the shared region,
+        # which a region created by an older pmnc holds without it.
+        env.set_lg_filemode(FILE_MODE)
+        env.open(str(path), flags | recover, FILE_MODE)
+        env.set_lg_filemode(FILE_MODE)
         env.log_set_config(db.DB_LOG_AUTO_REMOVE, 1)
         gbytes, nbytes, _ = env.get_cachesize()  # the region creator's, whatever we asked
         _reserve_regions(path, (gbytes << 30) + nbytes)
+        # The regions hold cached pages of the data; __db.register is created 0660.
+        _make_private(path)
     except (db.DBError, OSError) as e:
         _close_env(env, e)
         raise translate(path, "open the environment", e) from e
@@ -334,7 +366,65 @@ def _open_db(path: Path, env: Any, *, create: bool) -> Any:
                 "restore it from a backup, or move it away",
             ) from e
         raise translate(path, f"open {DB_FILE}", e) from e
+    if create:
+        _private(path / DB_FILE, FILE_MODE)  # created 0600 cut by the umask: make it exact
     return handle
+
+
+def _is_safe_file(name: str) -> bool:
+    """A file Berkeley DB keeps in a safe's directory: the data, its logs and the regions."""
+    return name == DB_FILE or name.startswith(("log.", "__db."))
+
+
+def _private(path: Path, mode: int) -> None:
+    """chmod `path` to `mode` if it is ours (owned by this user) and has another mode.
+
+    A file owned by someone else is left alone (root inspecting a user's safe changes nothing
+    of theirs). A failure is logged, not raised: a filesystem without Unix modes must not make
+    a safe impossible to open.
+    """
+    try:
+        st = os.lstat(path)
+        mine = st.st_uid == os.geteuid() and not stat.S_ISLNK(st.st_mode)
+        if mine and stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(path, mode)
+    except FileNotFoundError:
+        pass  # removed meanwhile (log removal, region removal): nothing to protect
+    except OSError as e:
+        log.warning("%s: cannot make it private (mode %o): %s", path, mode, e)
+
+
+def _make_private(path: Path) -> None:
+    """The safe's directory 0700 and every file of its own 0600: those it was created with,
+    whatever the umask, and those of a safe made by an older pmnc (0755 and 0644), tightened
+    here on every opening (no safe is opened read-only)."""
+    _private(path, DIR_MODE)
+    try:
+        names = os.listdir(path)
+    except OSError as e:
+        log.warning("%s: cannot list it to make its files private: %s", path, e)
+        return
+    for name in names:
+        if _is_safe_file(name):
+            _private(path / name, FILE_MODE)
+
+
+def _make_private_dirs(path: Path) -> None:
+    """`mkdir -p` with mode 0700 for every directory it creates (mkdir's mode is cut by the
+    umask, so each is chmod-ed after); directories that already exist are left as they are."""
+    missing: list[Path] = []
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, DIR_MODE)
+        except FileExistsError:
+            continue  # another process made it first: its creator sets its mode
+        _private(d, DIR_MODE)
+    if not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
 
 
 def _check_directory(path: Path, *, create: bool) -> None:
@@ -359,7 +449,7 @@ def _check_directory(path: Path, *, create: bool) -> None:
     if not create:
         raise SafeError(path, "open", "no such safe", "check the path, or open with create=True")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        _make_private_dirs(path)
     except PermissionError as e:
         raise SafePermissionError(
             path, "create the directory", f"permission denied: {e}", "fix its parent's permissions"
@@ -1157,7 +1247,7 @@ def backup(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
                 target, "back up", f"needs about {needed >> 20} MiB", "free space"
             )
     try:
-        target.mkdir(parents=True, exist_ok=True)
+        _make_private_dirs(target)
     except OSError as e:
         raise translate(target, "back up", e) from e
     environment = acquire(
@@ -1176,6 +1266,8 @@ def backup(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
         )
     finally:
         release(environment)
+    # DEST holds a copy of the data: private too, even if it was given as an existing directory.
+    _make_private(target)
     scratch = target.parent / f".{target.name}.check-{os.getpid()}"
     try:
         _copy_files(target, scratch)
@@ -1212,11 +1304,12 @@ def restore(backup_dir: str | os.PathLike[str], path: str | os.PathLike[str]) ->
         # what is about to be deleted.
         lock = _lock_directory(key, "restore", exclusive=True)
     staging = key.parent / f".{key.name}.restore-{os.getpid()}"
-    key.parent.mkdir(parents=True, exist_ok=True)
+    _make_private_dirs(key.parent)
     _remove_tree(staging)
     try:
         _copy_files(source, staging)
         count = _recover_copy(staging)
+        _make_private(staging)
         if key.exists():
             old = key.parent / f".{key.name}.old-{os.getpid()}"
             os.rename(key, old)
@@ -1232,11 +1325,15 @@ def restore(backup_dir: str | os.PathLike[str], path: str | os.PathLike[str]) ->
 
 
 def _copy_files(source: Path, dest: Path) -> None:
-    """Copy the data file and logs (never __db.* regions or the register) with fsync."""
-    dest.mkdir(parents=True, exist_ok=True)
+    """Copy the data file and logs (never __db.* regions or the register) with fsync, into a
+    private directory as private files (0700, 0600), whatever the umask."""
+    _make_private_dirs(dest)
+    _private(dest, DIR_MODE)
     for p in sorted(source.iterdir()):
         if p.name == DB_FILE or (p.name.startswith("log.") and p.name[4:].isdigit()):
-            with open(p, "rb") as src, open(dest / p.name, "wb") as dst:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+            with open(p, "rb") as src, open(os.open(dest / p.name, flags, FILE_MODE), "wb") as dst:
+                os.fchmod(dst.fileno(), FILE_MODE)  # exact, before a byte of data is in it
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
                 dst.flush()

@@ -405,7 +405,14 @@ class Safe(MutableMapping[str, object]):
         environment.call("checkpoint", self._options, environment.checkpoint)
 
     def stats(self) -> dict[str, Any]:
-        """This process's counters for the safe (shared by its openings) and environment figures."""
+        """This process's counters for the safe (shared by its openings) and environment figures.
+
+        `ops` counts calls by operation, plain reads (`get`, `[]`, `in`) as `read`; `latency`
+        has p50/p99 (ms) of the recent samples per operation; `durations` the histogram of every
+        timed call since the opening, per operation (`counts` per bucket of `duration_buckets`,
+        upper bounds in seconds, plus one for larger; `sum_ns`, integer nanoseconds). Reads are
+        timed one in READ_SAMPLE_EVERY (16): `durations["read"]` counts that share of them.
+        """
         environment = self._environment_for("stats")
         # Through the funnel first: it refuses a Safe inherited across fork, whose counters
         # (and their lock, perhaps held at the fork) are the parent's.
@@ -418,6 +425,20 @@ class Safe(MutableMapping[str, object]):
         if reads:
             ops["read"] = reads
         figures["ops"] = ops
+        durations: dict[str, dict[str, Any]] = {}
+        for what, histogram in figures["durations"].items():
+            if what == "stats":
+                continue
+            name = "read" if what in ("get", "contains") else what
+            if name in durations:  # get and contains: both timed reads
+                merged = durations[name]
+                counts = zip(merged["counts"], histogram["counts"], strict=True)
+                merged["counts"] = [a + b for a, b in counts]
+                merged["sum_ns"] += histogram["sum_ns"]
+            else:
+                durations[name] = histogram
+        figures["durations"] = durations
+        figures["duration_buckets"] = list(_env.DURATION_BUCKETS)
         figures.update(info)
         return figures
 
