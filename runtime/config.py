@@ -159,6 +159,9 @@ class NodeConfig:
     durable: bool = True
     max_body: int = 1 << 20
     heartbeat_timeout: float = 10.0
+    keepalive_timeout: float = 5.0
+    request_timeout: float = 30.0
+    max_connections: int = 1024
     _origin: _Origin | None = field(default=None, compare=False, repr=False)
 
     def safe_dir(self, cage: str, module: str) -> Path:
@@ -388,6 +391,9 @@ _NODE_KEYS = (
     "durable",
     "max_body",
     "heartbeat_timeout",
+    "keepalive_timeout",
+    "request_timeout",
+    "max_connections",
 )
 _CAGE_KEYS = ("name", "modules", "workers", "threads", "http")
 
@@ -450,6 +456,9 @@ def _read_node(reader: _Reader, root: Node, file: Path, base: Path) -> NodeConfi
         ("heartbeat_timeout", "a number of seconds > 0 and <= 3600", _seconds(3600)),
         ("durable", "true or false", _boolean),
         ("max_body", "a number of bytes from 1 to 1073741824", _integer(1, 1 << 30)),
+        ("keepalive_timeout", "a number of seconds > 0 and <= 3600", _seconds(3600)),
+        ("request_timeout", "a number of seconds > 0 and <= 3600", _seconds(3600)),
+        ("max_connections", "a number of connections from 1 to 1000000", _integer(1, 1_000_000)),
     ):
         got = reader.value(top, "", key, what, convert)
         if not isinstance(got, _Missing):

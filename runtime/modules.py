@@ -48,9 +48,10 @@ def module_qualname(cage: str, name: str) -> str:
 def load_module(cage: str, name: str, path: Path, safe: Safe) -> AppModule:
     """Execute `path` as module `name` of `cage` with `pmnc_safe = safe`.
 
-    Callable functions are the plain functions the module itself defines with a public name:
-    names it imported (`from os import remove`) and classes are not callable over HTTP, nor are
-    `async def` functions (workers run plain threads, no event loop): those are logged at load.
+    Callable functions are the plain functions the module itself defines with `def` under a
+    public name: `helper = lambda ...`, aliases (`other = real`), names it imported
+    (`from os import remove`) and classes are not callable over HTTP, nor are `async def`
+    functions (workers run plain threads, no event loop): those are logged at load.
     """
     qualname = module_qualname(cage, name)
     module = types.ModuleType(qualname)
@@ -73,6 +74,8 @@ def load_module(cage: str, name: str, path: Path, safe: Safe) -> AppModule:
     asynchronous: list[str] = []
     for attr, value in vars(module).items():
         if attr.startswith("_") or not inspect.isfunction(value) or value.__module__ != qualname:
+            continue
+        if value.__name__ != attr:  # a lambda, or an alias of another function: not a `def`
             continue
         if inspect.iscoroutinefunction(value) or inspect.isasyncgenfunction(value):
             asynchronous.append(attr)  # nothing would run it: calling it only makes a coroutine

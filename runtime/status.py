@@ -16,9 +16,14 @@ whichever worker accepts the connection, and that worker must see its siblings' 
 the pipes it would need a request/answer protocol through the supervisor (and the supervisor a
 way to answer while it forks and reaps). A file is readable by every worker, by the CLI for a
 cage without HTTP, and by an operator with `cat`, and it costs each worker one small write a
-second. The answering worker uses its own live figures; its siblings' are at most about a
-second old (each carries `report_age_s`). Counters are per process: a restarted worker starts
-from zero.
+second. The answering worker's own figures are fresh; its siblings' are at most about a second
+old (each carries `report_age_s`). Counters are per process: a restarted worker starts from
+zero (`/metrics` keeps the cage's totals across restarts: see `metrics.py`).
+
+The answering worker writes the report it answers with (`Reporter.collect`) before it reads
+its siblings'. Without that, two `/_status` in a row could go backwards: the first answered by
+worker A from its in-memory figures (200 requests), the second by worker B from A's file of
+before the load (0 requests). `pmnc-runtime status` right after a load showed exactly that.
 
 Aggregation over a cage's live workers: counts and rates are summed; per operation p50 is the
 median of the workers' p50 and p99 the worst (largest) of their p99; environment-wide figures
@@ -32,15 +37,15 @@ import contextlib
 import json
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pmnc.safe import Safe
+from pmnc.safe import Safe, SafeError
 
 from .config import NodeConfig
-from .http import STATUS_PATH
 
 __all__ = [
     "CAGE_FILE",
@@ -50,6 +55,7 @@ __all__ = [
     "Reporter",
     "aggregate",
     "cage_status",
+    "read_cage",
     "read_json",
     "render",
     "run_dir",
@@ -57,6 +63,7 @@ __all__ = [
 ]
 
 CAGE_FILE = "cage.json"
+STATUS_PATH = "/_status"  # GET: this document; not counted as a request
 REPORT_INTERVAL = 1.0  # seconds between a worker's reports
 STATUS_CLASSES = ("2xx", "4xx", "5xx")  # what the server answers (no 1xx or 3xx)
 
@@ -94,7 +101,8 @@ def read_json(path: Path) -> dict[str, Any] | None:
 class Reporter:
     """A worker's figures: `collect()` for any thread, `publish()` from the main thread.
 
-    `requests` returns the HTTP server's counters ({"requests": n, "responses": {class: n}}).
+    `requests` returns the HTTP server's counters ({"requests": n, "responses": {class: n}},
+    `metrics.RequestMetrics.snapshot()`), with whatever else the server reports (connections).
     """
 
     def __init__(
@@ -111,12 +119,23 @@ class Reporter:
         self._baseline: tuple[float, dict[str, int]] = (time.monotonic(), {})
         self._rates: dict[str, float] = {}
         self._last_publish = 0.0
+        # Held from collecting a report to writing it: the file never goes back to older figures.
+        self._write_lock = threading.Lock()
 
     def collect(self) -> dict[str, Any]:
-        """This worker's report now; ops/s is the rate over the last reporting interval.
+        """This worker's report now, also written to its file; ops/s is the rate over the last
+        reporting interval. What a worker answers `/_status` or `/metrics` with must be in its
+        file before it is shown, or a sibling answering the next request would show less.
 
-        Raises SafeNeedsRecoveryError like any other call on a panicked safe.
+        Raises SafeNeedsRecoveryError like any other call on a panicked safe, OSError if the
+        file cannot be written.
         """
+        with self._write_lock:
+            report = self._collect()
+            write_json(self.path, report)
+            return report
+
+    def _collect(self) -> dict[str, Any]:
         safes: dict[str, Any] = {}
         for name, safe in self._safes.items():
             figures = safe.stats()
@@ -142,38 +161,54 @@ class Reporter:
 
         OSError if the file cannot be written; SafeError from the safes' stats.
         """
-        now = time.monotonic()
-        report = self.collect()
-        then, before = self._baseline
-        totals = {name: sum(s["ops"].values()) for name, s in report["safes"].items()}
-        elapsed = max(now - then, 1e-3)
-        self._rates = {n: max(0, t - before.get(n, 0)) / elapsed for n, t in totals.items()}
-        for name, figures in report["safes"].items():
-            figures["ops_per_s"] = self._rates[name]
-        self._baseline = (now, totals)
-        self._last_publish = now
-        write_json(self.path, report)
+        with self._write_lock:
+            now = time.monotonic()
+            report = self._collect()
+            then, before = self._baseline
+            totals = {name: sum(s["ops"].values()) for name, s in report["safes"].items()}
+            elapsed = max(now - then, 1e-3)
+            self._rates = {n: max(0, t - before.get(n, 0)) / elapsed for n, t in totals.items()}
+            for name, figures in report["safes"].items():
+                figures["ops_per_s"] = self._rates[name]
+            self._baseline = (now, totals)
+            self._last_publish = now
+            write_json(self.path, report)
 
-    def remove(self) -> None:
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+    def leave(self) -> None:
+        """This worker is leaving: write its last figures and leave the file where it is.
+
+        The supervisor folds it into the cage's totals when it reaps this process, then removes
+        it (`metrics.CageTotals.retire`): removing it here would take this worker's requests out
+        of the cage's counters, which must never go backwards. Best effort: the safes may be
+        unusable by now, and the last written report is then what counts.
+        """
+        with contextlib.suppress(SafeError, OSError):
+            self.collect()
 
 
 # -- reading and aggregating --------------------------------------------------------------------
 
 
-def cage_status(directory: Path, *, live: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The `/_status` document of the cage whose reports are in `directory`.
-
-    `live` is the caller's own fresh report (a worker answering `/_status`), used instead of
-    its file. NotRunningError if the supervisor's file is missing or its pid is gone.
-    """
+def read_cage(directory: Path) -> dict[str, Any]:
+    """The supervisor's `cage.json` in `directory`; NotRunningError if it is missing or the
+    supervisor that wrote it is gone."""
     cage = read_json(directory / CAGE_FILE)
     if cage is None:
         raise NotRunningError(f"no live report in {directory}")
     supervisor = cage.get("supervisor_pid")
     if not isinstance(supervisor, int) or not _alive(supervisor):
         raise NotRunningError(f"{directory / CAGE_FILE}: supervisor {supervisor} is gone")
+    return cage
+
+
+def cage_status(directory: Path, *, live: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The `/_status` document of the cage whose reports are in `directory`.
+
+    `live` is the caller's own fresh report (a worker answering `/_status`: the result of its
+    `Reporter.collect()`, which is in its file already), used instead of re-reading that file.
+    NotRunningError if the supervisor's file is missing or its pid is gone.
+    """
+    cage = read_cage(directory)
     reports: dict[int, dict[str, Any]] = {}
     for w in cage.get("workers", []):
         pid = w["pid"]

@@ -60,7 +60,8 @@ import multiprocess
 import multiprocess.process
 from pmnc.safe import SafeError, prepare
 
-from . import logs, status, worker
+from . import logs, metrics, status, worker
+from .balance import ABSENT, Balance
 from .config import CageConfig, ConfigError, HttpAddress, NodeConfig, load_config
 from .logs import logger
 
@@ -104,6 +105,7 @@ class _Cage:
     safe_dirs: tuple[Path, ...]
     listener: socket.socket | None
     run_dir: Path  # where its live status reports go
+    balance: Balance  # connections per worker slot, shared with its workers (balance.py)
     failures: int = 0  # crashes in a row, for the backoff
     restart_at: float | None = None  # when to fork the missing workers
     down_since: float | None = None  # the crash the cage is recovering from
@@ -183,6 +185,9 @@ class Supervisor:
         self._status_dirty = False  # the set of live workers changed since the last cage.json
         self._status_files: set[Path] = set()  # cage.json files written, removed at exit
         self._status_failing = False
+        # Per run directory (a reloaded cage keeps its own): what departed workers counted.
+        self._totals: dict[Path, metrics.CageTotals] = {}
+        self._totals_failing = False
         self._dispatch: dict[int, Callable[[], None]] = {
             signal.SIGTERM: self._on_sigterm,
             signal.SIGINT: self._on_sigint,
@@ -217,6 +222,8 @@ class Supervisor:
             for path in self._status_files:
                 with contextlib.suppress(OSError):
                     path.unlink()
+            for totals in self._totals.values():
+                totals.remove()
         logger.info("stopped (exit status %d)", self._exit_code)
         return self._exit_code
 
@@ -255,7 +262,9 @@ class Supervisor:
                     bound.append(listener)
                 reports = status.run_dir(config, cage_cfg.name)
                 reports.mkdir(parents=True, exist_ok=True)
-                cages[cage_cfg.name] = _Cage(cage_cfg, modules, dirs, listener, reports)
+                cages[cage_cfg.name] = _Cage(
+                    cage_cfg, modules, dirs, listener, reports, Balance(cage_cfg.workers)
+                )
                 skipped = len(dirs) - len(todo)
                 logger.info(
                     "cage %s: %d module(s) %s, safes ready in %.3f s%s",
@@ -345,13 +354,18 @@ class Supervisor:
 
     def _forget(self, w: _Worker) -> None:
         self._workers.pop(w.pid, None)
+        if not any(o.cage is w.cage and o.slot == w.slot for o in self._workers.values()):
+            w.cage.balance.set(w.slot, ABSENT)  # no longer the least loaded: others accept
         self._status_dirty = True
-        with contextlib.suppress(OSError):
-            (w.cage.run_dir / f"{w.pid}.json").unlink()
-        if w.stop_deadline is None and not self._stopping:
+        restarted = w.stop_deadline is None and not self._stopping
+        if restarted:
             # Not asked to stop: its slot is refilled (at once, after a backoff or a recovery).
             key = (w.cage.name, w.slot)
             self._restarts[key] = self._restarts.get(key, 0) + 1
+        # Its last report goes into the cage's totals before it is removed: `/metrics`
+        # counters must not lose what this worker counted (metrics.py says why in this order).
+        report = w.cage.run_dir / f"{w.pid}.json"
+        self._count(w.cage.run_dir, lambda t: t.retire(report, restarted=restarted))
         with contextlib.suppress(OSError):
             while True:  # the last lines it wrote, e.g. its boot error
                 data = os.read(w.report_fd, 65536)
@@ -431,6 +445,7 @@ class Supervisor:
             logger.error("cage %s: %s; recovery failed: %s: stopping the node", cage.name, what, e)
             self._begin_stop(EXIT_FAILED)
             return
+        self._count(cage.run_dir, metrics.CageTotals.recovered)
         logger.warning(
             "cage %s: %s: killed %d other worker(s), recovered %d safe(s) in %.3f s",
             cage.name,
@@ -527,6 +542,8 @@ class Supervisor:
             listener=cage.listener,
             report_fd=report_w,
             inherited_fds=tuple(inherited),
+            slot=slot,
+            balance=cage.balance,
         )
         sys.stdout.flush()
         sys.stderr.flush()
@@ -590,6 +607,21 @@ class Supervisor:
             self._status_dirty = True  # try again next tick
         else:
             self._status_failing = False
+
+    def _count(self, run_dir: Path, update: Callable[[metrics.CageTotals], None]) -> None:
+        """Update a cage's `/metrics` totals; a failure to write them is logged once in a row
+        (the reports not folded yet stay in place and are still counted)."""
+        totals = self._totals.get(run_dir)
+        if totals is None:
+            totals = self._totals[run_dir] = metrics.CageTotals(run_dir)
+        try:
+            update(totals)
+        except OSError as e:
+            if not self._totals_failing:
+                logger.warning("cannot write the cage's totals %s: %s", totals.path, e)
+            self._totals_failing = True
+        else:
+            self._totals_failing = False
 
     # -- liveness and readiness ---------------------------------------------------------------
 

@@ -19,7 +19,9 @@ which every worker of the cage reads to answer `GET /_status`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -30,11 +32,13 @@ from queue import SimpleQueue
 
 from pmnc.safe import Safe, SafeError, SafeNeedsRecoveryError
 
-from . import logs, status
+from . import logs, metrics, status
+from .app import Application, Response
+from .balance import Balance
 from .config import CageConfig, NodeConfig
-from .http import Application, RequestCounter, Server
 from .logs import logger
 from .modules import AppModule, ModuleLoadError, load_module
+from .server import Limits, Server
 
 __all__ = ["EXIT_BOOT_FAILED", "EXIT_NEEDS_RECOVERY", "WorkerSpec", "run"]
 
@@ -52,6 +56,8 @@ class WorkerSpec:
     listener: socket.socket | None
     report_fd: int  # write end of this worker's pipe to the supervisor
     inherited_fds: tuple[int, ...]  # the supervisor's descriptors this worker must not keep
+    slot: int = 0  # this worker's place among its cage's (0..workers-1)
+    balance: Balance | None = None  # connections held per slot, shared by the cage's workers
 
 
 def beat_interval(heartbeat_timeout: float) -> float:
@@ -96,23 +102,44 @@ class _Worker:
             logger.error("cannot boot: %s", e, exc_info=isinstance(e, ModuleLoadError))
             self._report(f"boot-error {e}".replace("\n", " "))
             return EXIT_BOOT_FAILED if self._close_safes() else EXIT_NEEDS_RECOVERY
-        counter = RequestCounter()
+        requests = metrics.RequestMetrics()
         directory = status.run_dir(self.cfg, self.spec.cage.name)
-        reporter = status.Reporter(
-            directory, dict(zip(self.spec.modules, self.safes, strict=True)), counter.snapshot
-        )
-        self.reporter = reporter
         server = None
         if self.spec.listener is not None:
+            _raise_descriptor_limit(self.cfg.max_connections)
             server = Server(
                 self.spec.listener,
                 Application(modules),
-                threads=self.spec.cage.threads,
-                max_body=self.cfg.max_body,
+                Limits(
+                    threads=self.spec.cage.threads,
+                    max_body=self.cfg.max_body,
+                    keepalive_timeout=self.cfg.keepalive_timeout,
+                    request_timeout=self.cfg.request_timeout,
+                    max_connections=self.cfg.max_connections,
+                ),
                 on_fatal=lambda: os._exit(EXIT_NEEDS_RECOVERY),
-                status=lambda: status.cage_status(directory, live=reporter.collect()),
-                counter=counter,
+                metrics=requests,
+                routes={
+                    status.STATUS_PATH: lambda: _json(
+                        status.cage_status(directory, live=reporter.collect())
+                    ),
+                    metrics.METRICS_PATH: lambda: Response(
+                        200,
+                        metrics.cage_metrics(directory, live=reporter.collect()).encode(),
+                        content_type=metrics.CONTENT_TYPE,
+                    ),
+                },
+                balance=self.spec.balance,
+                slot=self.spec.slot,
             )
+        connections = server.connections if server is not None else dict
+        reporter = status.Reporter(
+            directory,
+            dict(zip(self.spec.modules, self.safes, strict=True)),
+            lambda: {**requests.snapshot(), "connections": connections()},
+        )
+        self.reporter = reporter
+        if server is not None:
             server.start()
         self._publish()
         self._report("ready")
@@ -120,10 +147,10 @@ class _Worker:
             "serving: %d module(s) ready in %.3f s", len(modules), time.monotonic() - booting
         )
         self._serve_until_stopped()
-        reporter.remove()
         if server is not None:
             server.stop()
             busy = server.join(time.monotonic() + self.cfg.graceful_timeout)
+            reporter.leave()  # its last figures, requests finished while stopping included
             if busy:
                 logger.error(
                     "%d request(s) still running after %g s: leaving without closing the safes",
@@ -131,6 +158,8 @@ class _Worker:
                     self.cfg.graceful_timeout,
                 )
                 return EXIT_NEEDS_RECOVERY
+        else:
+            reporter.leave()  # for the supervisor to fold into the cage's totals (metrics.py)
         return 0 if self._close_safes() else EXIT_NEEDS_RECOVERY
 
     def _reset_process_state(self) -> None:
@@ -219,3 +248,24 @@ class _Worker:
                 logger.error("closing %s: %s", safe.path, e)
                 ok = False
         return ok
+
+
+def _json(document: object) -> Response:
+    return Response(200, json.dumps(document, allow_nan=False).encode())
+
+
+def _raise_descriptor_limit(max_connections: int) -> None:
+    """Let the process hold `max_connections` sockets plus its safes' files and some spare:
+    the soft RLIMIT_NOFILE (often 1024) up to the hard one, which needs no privilege."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            logger.warning(
+                "max_connections %d needs %d file descriptors; the hard limit allows %d",
+                max_connections,
+                want,
+                hard,
+            )

@@ -108,6 +108,23 @@ def test_status_reflects_a_known_load(node_factory: Callable[..., Node]) -> None
     assert "not running" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
+def test_status_never_shows_less_than_an_answer_before(node_factory: Callable[..., Node]) -> None:
+    """All the load on one worker (one keep-alive connection), then `/_status` on fresh
+    connections, answered by either worker: none shows less than the first that showed the load.
+    (An answering worker used to show its in-memory figures without writing them: its sibling,
+    answering next, read its older file and showed 0 requests. `pmnc-runtime status` right
+    after a load did.)"""
+    node = node_factory(EXAMPLES, workers=2, threads=4).start()
+    calls = 50
+    increment_concurrently(node.port, "one", threads=1, per_thread=calls, timeout=30)
+    wait_status(node.port, lambda d: d["requests"] >= calls and modify_ops(d) >= calls)
+    for _ in range(20):
+        code, doc = get_status(node.port)
+        assert code == 200, doc
+        assert doc["requests"] >= calls and modify_ops(doc) >= calls, doc
+    assert node.stop() == 0
+
+
 def test_status_answers_under_load_and_counts_restarts(node_factory: Callable[..., Node]) -> None:
     node = node_factory(EXAMPLES, workers=2, threads=4).start()
     stop = threading.Event()

@@ -491,7 +491,8 @@ def test_unknown_top_level_key(node_dir: Path) -> None:
     path = write(node_dir, "datadir: x\n" + MINIMAL.lstrip("\n"))
     assert one_error(path) == (
         f"{path}:1: datadir: expected one of node, data_dir, cages, graceful_timeout, "
-        "checkpoint_interval, durable, max_body, heartbeat_timeout, got an unknown key; "
+        "checkpoint_interval, durable, max_body, heartbeat_timeout, keepalive_timeout, "
+        "request_timeout, max_connections, got an unknown key; "
         "did you mean 'data_dir'?"
     )
 

@@ -14,12 +14,13 @@ import sys
 import threading
 from pathlib import Path
 
+from pmnc.runtime.balance import Balance
 from pmnc.runtime.config import load_config
 from pmnc.runtime.supervisor import Supervisor, _Cage
 
 cfg = load_config(sys.argv[1])
 sup = Supervisor(cfg)
-cage = _Cage(cfg.cages[0], (), (), None, Path(sys.argv[2]))
+cage = _Cage(cfg.cages[0], (), (), None, Path(sys.argv[2]), Balance(1))
 release = threading.Event()
 other = threading.Thread(target=release.wait)
 other.start()

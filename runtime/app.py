@@ -1,0 +1,195 @@
+"""A cage's application as HTTP sees it: `/<module>/<function>` plus a JSON body -> a call.
+
+`Application.call` never raises for anything a module or a client does: every outcome is a
+`Response`. Input is checked before the function runs, so that nothing a client sends can be
+stored and then never be answered again (each case below was a real failure of an earlier
+version; `tests/integration/test_bad_input.py` sends them):
+
+- NaN and Infinity are not JSON (RFC 8259), and neither is a number that overflows a float:
+  `json` turns `1e999999` into `inf` without asking `parse_constant`, so `parse_float` refuses
+  any float that is not finite.
+- An integer over Python's int/str conversion limit (`sys.get_int_max_str_digits()`, 4300
+  digits) cannot be parsed, and one that a function computes cannot be written back: the first
+  is a 400, the second a 500 naming the limit.
+- A string holding a lone surrogate (the JSON escape `"\\ud800"`, in a key or a value at any
+  depth) decodes to a Python str that no UTF-8 encoder accepts: stored, it would make every
+  answer that contains it fail. It is refused with 400; a result that holds one is a 500, and
+  an error message that holds one is answered with the surrogate replaced.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+from pmnc.safe import SafeNeedsRecoveryError
+
+from .logs import logger
+from .modules import AppModule
+
+__all__ = [
+    "JSON",
+    "Application",
+    "BadInput",
+    "Response",
+    "error_response",
+    "needs_recovery",
+    "parse_arguments",
+]
+
+JSON = "application/json"
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class Response(NamedTuple):
+    status: int
+    body: bytes
+    fatal: bool = False  # the worker must exit (its safe needs recovery) once this is sent
+    content_type: str = JSON
+    allow: str | None = None  # the Allow header of a 405
+
+
+def error_response(
+    status: int, exc_type: str, message: str, *, fatal: bool = False, allow: str | None = None
+) -> Response:
+    """`{"error": "<Type>: <message>"}`; a lone surrogate in the message is replaced, so an
+    error is always answered."""
+    text = f"{exc_type}: {message}".encode(errors="replace").decode()
+    body = json.dumps({"error": text}, ensure_ascii=False).encode()
+    return Response(status, body, fatal, allow=allow)
+
+
+def needs_recovery(e: BaseException) -> bool:
+    """Whether `e` or an exception it was raised from says a safe needs recovery."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, SafeNeedsRecoveryError):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+class BadInput(ValueError):
+    """A request body refused before any call; `kind` is the error type the client is told
+    (ValueError, or RecursionError for nesting, as Python itself would have said)."""
+
+    def __init__(self, message: str, kind: str = "ValueError") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _reject_constant(name: str) -> object:
+    raise BadInput(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadInput(f"number {text[:40]}{'...' if len(text) > 40 else ''} overflows a float")
+    return value
+
+
+def _check_strings(value: object) -> None:
+    """Refuse a lone surrogate anywhere in a parsed body; iterative, so depth costs no stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                raise BadInput(f"string with a lone surrogate: {ascii(item)[:60]}")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def parse_arguments(body: bytes) -> dict[str, object]:
+    """The keyword arguments in a request body (empty: `{}`); BadInput or ValueError if bad."""
+    if not body.strip():
+        return {}
+    try:
+        args = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:  # "[" * 100000 fits in max_body: nesting is the client's fault
+        raise BadInput("the JSON body is nested too deeply", "RecursionError") from None
+    except ValueError as e:
+        if "integer string conversion" in str(e):
+            limit = sys.get_int_max_str_digits()
+            raise BadInput(f"an integer of more than {limit} digits cannot be parsed") from None
+        raise  # JSONDecodeError, UnicodeDecodeError, BadInput: said as they are
+    if not isinstance(args, dict):
+        raise TypeError(f"expected a JSON object, got {type(args).__name__}")
+    if b"\\u" in body:  # the only way a JSON text (valid UTF-8) can carry a surrogate
+        _check_strings(args)
+    return args
+
+
+class Application:
+    """Maps `/<module>/<function>` plus a JSON body to a call and its JSON answer."""
+
+    def __init__(self, modules: Mapping[str, AppModule]) -> None:
+        self._functions: dict[tuple[str, str], tuple[Callable[..., object], inspect.Signature]] = {
+            (m.name, f): (fn, inspect.signature(fn))
+            for m in modules.values()
+            for f, fn in m.functions.items()
+        }
+
+    def serves(self, module: str, function: str) -> bool:
+        """Whether `module.function` is callable over HTTP (its names may become labels)."""
+        return (module, function) in self._functions
+
+    def call(self, module: str, function: str, body: bytes) -> Response:
+        """Run one call; never raises for anything the module or the client does."""
+        target = self._functions.get((module, function))
+        if target is None or module.startswith("_") or function.startswith("_"):
+            return error_response(404, "NotFound", f"no function {function!r} in module {module!r}")
+        fn, signature = target
+        try:
+            args = parse_arguments(body)
+        except (ValueError, TypeError) as e:  # JSONDecodeError, UnicodeDecodeError, BadInput
+            return error_response(
+                400, e.kind if isinstance(e, BadInput) else type(e).__name__, str(e)
+            )
+        try:
+            signature.bind(**args)
+        except TypeError as e:
+            return error_response(400, "TypeError", f"{module}.{function}(): {e}")
+        try:
+            result = fn(**args)
+        except BaseException as e:  # noqa: BLE001 - whatever a module raises is answered:
+            # sys.exit(), KeyboardInterrupt or GeneratorExit from a module must not end the
+            # serving thread (the worker would go on with one thread fewer).
+            if needs_recovery(e):
+                logger.error("%s.%s: %s: %s", module, function, type(e).__name__, e)
+                return error_response(503, type(e).__name__, str(e), fatal=True)
+            logger.warning(
+                "%s.%s raised %s: %s", module, function, type(e).__name__, e, exc_info=True
+            )
+            return error_response(500, type(e).__name__, str(e))
+        return _answer(module, function, result)
+
+
+def _answer(module: str, function: str, result: object) -> Response:
+    where = f"result of {module}.{function}"
+    try:
+        return Response(
+            200, json.dumps({"result": result}, allow_nan=False, ensure_ascii=False).encode()
+        )
+    except UnicodeEncodeError:
+        return error_response(500, "ValueError", f"{where}: a string with a lone surrogate")
+    except ValueError as e:
+        if "integer string conversion" in str(e):
+            limit = sys.get_int_max_str_digits()
+            return error_response(
+                500, "ValueError", f"{where}: an integer of more than {limit} digits"
+            )
+        return error_response(500, type(e).__name__, f"{where}: {e}")
+    except (TypeError, RecursionError) as e:
+        return error_response(500, type(e).__name__, f"{where}: {e}")
