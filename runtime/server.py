@@ -37,10 +37,14 @@ Over `max_connections`, the oldest idle (or lingering) connection is closed to m
 nginx reuses keep-alive connections; with none to close, the new connection is answered 503
 with `Connection: close`. No connection is ever left without an answer or a close.
 
+Over `max_connections` with nothing to close, a worker first leaves the new connection to its
+siblings for up to MAX_DEFER (one of them may have room), then answers it 503 itself.
+
 Graceful stop: the listener is dropped from the loop; idle connections get STOP_GRACE to bring
 one last request (closing under a request the client is sending is a race no server can
-otherwise avoid), requests already arriving may finish, and every answer from then on says
-`Connection: close`.
+otherwise avoid); requests still arriving get STOP_READ_GRACE to complete, then a 503 (so a
+slow client cannot hold every stop and reload for `graceful_timeout`); requests in a thread
+finish; every answer from then on says `Connection: close`.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ __all__ = ["Limits", "Observer", "Server"]
 
 SEND_TIMEOUT = 30.0  # a client that stops reading its answer
 STOP_GRACE = 0.5  # once stopping, how long an idle connection may still bring a request
+STOP_READ_GRACE = 2.0  # once stopping, how long a request still arriving may take (then 503)
 LINGER = 2.0  # after an error answer, how long the client's remaining input is drained
 SWEEP = 0.2  # seconds between deadline sweeps: the precision of every timeout
 FATAL_SEND_TIMEOUT = 5.0  # the last answer of a worker that exits for recovery
@@ -260,8 +265,11 @@ class Server:
         self._listening = on
 
     def _on_listener(self) -> None:
-        """A connection is pending: take it, unless less loaded workers should (balance.py)."""
-        if self._balance is not None and not self._balance.fair(self._slot):
+        """A connection is pending: take it, unless less loaded workers should (balance.py),
+        or this worker is full with nothing to close: a sibling with room should take it
+        rather than this worker answering 503 (it does after MAX_DEFER)."""
+        full = len(self._conns) >= self._limits.max_connections and self._evictable() is None
+        if full or (self._balance is not None and not self._balance.fair(self._slot)):
             now = time.monotonic()
             if now - self._deferred_since > 5 * MAX_DEFER:  # a new wait, not the last one's
                 self._deferred_since = now
@@ -295,7 +303,9 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         now = time.monotonic()
         conn = _Conn(sock, now + self._limits.keepalive_timeout)
-        full = len(self._conns) >= self._limits.max_connections and not self._make_room()
+        while len(self._conns) >= self._limits.max_connections and self._make_room():
+            pass  # a 503 answered still lingers: closing it is no room for one more
+        full = len(self._conns) >= self._limits.max_connections
         self._conns[conn.fd] = conn
         self._count()
         self._epoll.register(conn.fd, _IN)
@@ -309,18 +319,22 @@ class Server:
                 ),
             )
 
-    def _make_room(self) -> bool:
-        """Close the connection idle the longest (lingering ones first); False if none."""
+    def _evictable(self) -> _Conn | None:
+        """The connection to close for room: a lingering one, else the longest idle."""
         oldest: _Conn | None = None
         for conn in self._conns.values():
             if conn.state == LINGERING:
-                oldest = conn
-                break
+                return conn
             if conn.state == IDLE and (oldest is None or conn.deadline < oldest.deadline):
                 oldest = conn
-        if oldest is None:
+        return oldest
+
+    def _make_room(self) -> bool:
+        """Close the connection `_evictable` names; False if there is none."""
+        conn = self._evictable()
+        if conn is None:
             return False
-        self._close(oldest)
+        self._close(conn)
         return True
 
     def _on_event(self, conn: _Conn, mask: int) -> None:
@@ -502,12 +516,21 @@ class Server:
             for conn in list(self._conns.values()):
                 if conn.state == IDLE:
                     conn.deadline = min(conn.deadline, now + STOP_GRACE)
+                elif conn.state == READING:
+                    conn.deadline = min(conn.deadline, now + STOP_READ_GRACE)
 
     def _sweep(self, now: float) -> None:
         for conn in list(self._conns.values()):
             if conn.deadline > now or conn.closed:
                 continue
-            if conn.state == READING:
+            if conn.state == READING and self._stopping:
+                self._fail(
+                    conn,
+                    error_response(
+                        503, "ServiceUnavailable", "the server is stopping: send the request again"
+                    ),
+                )
+            elif conn.state == READING:
                 self._fail(
                     conn,
                     error_response(
