@@ -56,6 +56,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from queue import SimpleQueue
@@ -75,6 +76,8 @@ LINGER = 2.0  # after an error answer, how long the client's remaining input is 
 SWEEP = 0.2  # seconds between deadline sweeps: the precision of every timeout
 FATAL_SEND_TIMEOUT = 5.0  # the last answer of a worker that exits for recovery
 READ_SIZE = 65536
+SMALL_BODY = 65536  # bodies up to this size are read without counting against BODY_BUDGET
+BODY_BUDGET = 64 << 20  # bytes of large bodies a worker reads at once (at least 2 x max_body)
 
 _IN = select.EPOLLIN | select.EPOLLONESHOT
 _OUT = select.EPOLLOUT | select.EPOLLONESHOT
@@ -109,6 +112,7 @@ class _Conn:
         "keep_alive",
         "out",
         "request",
+        "reserved",
         "sock",
         "state",
     )
@@ -124,6 +128,7 @@ class _Conn:
         self.keep_alive = True  # after `out` is sent
         self.head_only = False
         self.closed = False
+        self.reserved = 0  # bytes of BODY_BUDGET this connection's body holds
 
 
 class Server:
@@ -156,6 +161,9 @@ class Server:
         self._slot = slot
         self._deferred_since = -1.0  # when this worker began leaving a connection to others
         self._conns: dict[int, _Conn] = {}
+        self._body_budget = max(BODY_BUDGET, 2 * limits.max_body)
+        self._reserved = 0  # bytes of large bodies being read (see _reserve)
+        self._parked: deque[_Conn] = deque()  # waiting for BODY_BUDGET, oldest first
         self._epoll = select.epoll()
         self._jobs: SimpleQueue[tuple[_Conn, Request, bytes] | None] = SimpleQueue()
         self._returned: SimpleQueue[tuple[_Conn, str]] = SimpleQueue()
@@ -394,6 +402,8 @@ class Server:
                 )
                 return
             conn.request = request
+            if len(buf) < request.body_length and not self._reserve(conn, request):
+                return  # parked: reading resumes when bodies in memory shrink
             if request.expect_continue and len(buf) < request.body_length:
                 with contextlib.suppress(OSError):  # 25 bytes into an empty send buffer
                     conn.sock.send(CONTINUE)
@@ -403,12 +413,48 @@ class Server:
             return
         body = bytes(buf[: request.body_length])
         del buf[: request.body_length]
+        self._release(conn)
         conn.request = None
         conn.state = ACTIVE
         conn.deadline = float("inf")
         with self._running_lock:
             self._running += 1
         self._jobs.put((conn, request, body))
+
+    def _reserve(self, conn: _Conn, request: Request) -> bool:
+        """Count a large body against BODY_BUDGET before reading it; park the connection
+        (not armed for input: the client's bytes wait in the kernel, TCP pushes back) when
+        the bodies being read would pass it. Small bodies are never parked, and one body is
+        always let through, so the budget bounds memory without refusing anything."""
+        if request.body_length <= SMALL_BODY:
+            return True
+        if self._reserved and self._reserved + request.body_length > self._body_budget:
+            self._parked.append(conn)
+            return False
+        self._reserved += request.body_length
+        conn.reserved = request.body_length
+        return True
+
+    def _release(self, conn: _Conn) -> None:
+        """Give back a body's reservation and let parked connections read, oldest first."""
+        if conn.reserved:
+            self._reserved -= conn.reserved
+            conn.reserved = 0
+        while self._parked:
+            waiting = self._parked[0]
+            request = waiting.request
+            if waiting.closed or waiting.state != READING or request is None:
+                self._parked.popleft()  # cut by its deadline meanwhile
+                continue
+            if self._reserved and self._reserved + request.body_length > self._body_budget:
+                return
+            self._parked.popleft()
+            self._reserved += request.body_length
+            waiting.reserved = request.body_length
+            if request.expect_continue:
+                with contextlib.suppress(OSError):
+                    waiting.sock.send(CONTINUE)
+            self._arm(waiting, _IN)
 
     def _arm(self, conn: _Conn, events: int) -> None:
         try:
@@ -481,6 +527,8 @@ class Server:
             self._close(conn)
 
     def _close(self, conn: _Conn) -> None:
+        if conn.reserved:
+            self._release(conn)
         with self._closing:  # against a thread re-arming this fd (see _serve's fast path)
             if conn.closed:
                 return

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import Node, write_modules
+from helpers import Node, worker_pids, write_modules
 from pmnc.runtime.harness import percentile
 
 PROBE = """
@@ -718,3 +718,52 @@ def test_a_stop_answers_requests_still_arriving_instead_of_waiting_for_them(
     finally:
         for sock in holders:
             sock.close()
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_large_bodies_arriving_at_once_are_read_within_a_memory_budget(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    """40 clients each send all but the last byte of a 4 MiB body: 160 MiB that a server
+    reading everything would hold. The worker reads large bodies within 64 MiB at a time (the
+    rest wait in the kernel, TCP pushing back), and every request is still answered."""
+    modules = write_modules(
+        tmp_path / "modules", {"sink": "def size(data=''):\n    return len(data)\n"}
+    )
+    node = node_factory(modules, workers=1, threads=2, max_body=4 << 20).start()
+    (worker,) = worker_pids(node.pid)
+    before = _rss(worker)
+    data = b'{"data": "' + b"x" * ((4 << 20) - 12) + b'"}'
+    head = (f"POST /sink/size HTTP/1.1\r\nHost: t\r\nContent-Length: {len(data)}\r\n\r\n").encode()
+    raise_nofile(200)
+    socks = [connect(node.port, timeout=5.0) for _ in range(40)]
+    try:
+        go = threading.Event()
+
+        def send(sock: socket.socket) -> None:
+            sock.sendall(head + data[:-1])  # blocks while the worker leaves it in the kernel
+            go.wait(30.0)
+            sock.sendall(data[-1:])
+
+        senders = [threading.Thread(target=send, args=(s,), daemon=True) for s in socks]
+        for t in senders:
+            t.start()
+        time.sleep(3.0)  # whatever the worker would read, it has read by now
+        grown = _rss(worker) - before
+        assert grown < 110 << 20, f"the worker grew by {grown >> 20} MiB reading 40 x 4 MiB"
+        go.set()
+        for i, sock in enumerate(socks):
+            (answer,) = read_answers(sock, timeout=30.0)
+            assert (answer.status, answer.json()) == (200, {"result": len(data) - 12}), (
+                f"request {i}: {answer}"
+            )
+    finally:
+        for sock in socks:
+            sock.close()
+    assert node.stop() == 0
