@@ -3,7 +3,9 @@
 A module is executed in a fresh module object whose `pmnc_safe` is set *before* its code runs,
 so top-level code may already use it. Nothing else of the runtime is reachable from there: the
 module gets its own safe, never a registry of safes, so it cannot reach another module's data
-through `pmnc_safe`.
+through `pmnc_safe`. The other global, `pmnc` (`calls.py`, `docs/calls.md`), is bound the same
+way; it reaches other modules only through their served functions, and only once every module
+of the cage is loaded (top-level code runs in name order, before later modules exist).
 
 The module is registered in `sys.modules` under a flat private name (`pmnc_app__<cage>__<name>`)
 so that classes it defines can be pickled into its safe and unpickled again in any worker of the
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from pmnc.safe import Safe
 
+from .calls import Calls
 from .logs import logger
 
 __all__ = ["AppModule", "ModuleLoadError", "load_module", "module_qualname"]
@@ -45,8 +48,11 @@ def module_qualname(cage: str, name: str) -> str:
     return f"pmnc_app__{cage}__{name}"
 
 
-def load_module(cage: str, name: str, path: Path, safe: Safe) -> AppModule:
-    """Execute `path` as module `name` of `cage` with `pmnc_safe = safe`.
+def load_module(
+    cage: str, name: str, path: Path, safe: Safe, calls: Calls | None = None
+) -> AppModule:
+    """Execute `path` as module `name` of `cage` with `pmnc_safe = safe` and, given `calls`,
+    `pmnc = calls.bind(name)`; once loaded, its served functions are registered there.
 
     Callable functions are the plain functions the module itself defines with `def` under a
     public name: `helper = lambda ...`, aliases (`other = real`), names it imported
@@ -57,6 +63,9 @@ def load_module(cage: str, name: str, path: Path, safe: Safe) -> AppModule:
     module = types.ModuleType(qualname)
     module.__file__ = str(path)
     module.pmnc_safe = safe  # type: ignore[attr-defined]
+    bound = None if calls is None else calls.bind(name)
+    if bound is not None:
+        module.pmnc = bound  # type: ignore[attr-defined]
     try:
         source = path.read_bytes()
         code = compile(source, str(path), "exec")
@@ -88,6 +97,15 @@ def load_module(cage: str, name: str, path: Path, safe: Safe) -> AppModule:
             name,
             ", ".join(asynchronous),
         )
+    if calls is not None:
+        if vars(module).get("pmnc") is not bound:
+            logger.warning(
+                "%s: module %r rebinds the global 'pmnc' (`import pmnc...`?): its calls to "
+                "other modules and cages need it (import names from pmnc's packages instead)",
+                path,
+                name,
+            )
+        calls.add_module(name, functions)
     return AppModule(name=name, path=path, module=module, functions=functions)
 
 

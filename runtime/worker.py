@@ -1,7 +1,8 @@
 """A worker process: what runs in each child the supervisor forks for a cage.
 
     reset signals -> open one Safe per module (recover=False: the supervisor recovers)
-    -> load each module with `pmnc_safe` bound to its own safe -> `threads` HTTP threads
+    -> load each module with `pmnc_safe` bound to its own safe and `pmnc` to the worker's
+       call layer (calls.py) -> `threads` HTTP threads
     -> report "ready" -> heartbeat until SIGTERM or the supervisor is gone
     -> stop accepting, finish requests in flight within graceful_timeout, close every safe, exit 0
 
@@ -35,6 +36,7 @@ from pmnc.safe import Safe, SafeError, SafeNeedsRecoveryError
 from . import logs, metrics, status
 from .app import Application, Response
 from .balance import Balance
+from .calls import Calls
 from .config import CageConfig, NodeConfig
 from .logs import logger
 from .modules import AppModule, ModuleLoadError, load_module
@@ -187,9 +189,11 @@ class _Worker:
                     create=False,
                 )
             )
+        calls = Calls.for_node(self.cfg, self.spec.cage.name)
         for name, safe in zip(self.spec.modules, self.safes, strict=True):
             path = Path(self.spec.cage.modules) / f"{name}.py"
-            modules[name] = load_module(self.spec.cage.name, name, path, safe)
+            modules[name] = load_module(self.spec.cage.name, name, path, safe, calls)
+        calls.loaded()  # calls between modules may run from now on
         return modules
 
     def _serve_until_stopped(self) -> None:
