@@ -379,7 +379,10 @@ class Server:
                 return
             if conn.state != READING:  # the request's first byte: its deadline starts now
                 conn.state = READING
-                conn.deadline = time.monotonic() + self._limits.request_timeout
+                allowed = self._limits.request_timeout
+                if self._stopping:  # one last request, in its stop grace (see the docstring)
+                    allowed = min(allowed, STOP_READ_GRACE)
+                conn.deadline = time.monotonic() + allowed
             try:
                 end = find_head_end(buf)
                 if end < 0:
