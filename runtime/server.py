@@ -76,6 +76,7 @@ LINGER = 2.0  # after an error answer, how long the client's remaining input is 
 SWEEP = 0.2  # seconds between deadline sweeps: the precision of every timeout
 FATAL_SEND_TIMEOUT = 5.0  # the last answer of a worker that exits for recovery
 READ_SIZE = 65536
+STICKY_MS = 2  # how long a thread waits for a keep-alive connection's next request
 SMALL_BODY = 65536  # bodies up to this size are read without counting against BODY_BUDGET
 BODY_BUDGET = 64 << 20  # bytes of large bodies a worker reads at once (at least 2 x max_body)
 
@@ -107,6 +108,7 @@ class _Conn:
         "buf",
         "closed",
         "deadline",
+        "eof",
         "fd",
         "head_only",
         "keep_alive",
@@ -128,6 +130,7 @@ class _Conn:
         self.keep_alive = True  # after `out` is sent
         self.head_only = False
         self.closed = False
+        self.eof = False  # the client closed its side (seen by a thread)
         self.reserved = 0  # bytes of BODY_BUDGET this connection's body holds
 
 
@@ -611,6 +614,14 @@ class Server:
                     self._running -= 1
 
     def _serve(self, conn: _Conn, request: Request, body: bytes) -> None:
+        """Answer `request`, then the connection's next ones while they come at once."""
+        while True:
+            nxt = self._answer(conn, request, body)
+            if nxt is None:
+                return
+            request, body = nxt
+
+    def _answer(self, conn: _Conn, request: Request, body: bytes) -> tuple[Request, bytes] | None:
         response = self._respond(request, body)
         keep_alive = request.keep_alive and not self._stopping and not response.fatal
         data = serialize(
@@ -621,14 +632,14 @@ class Server:
                 conn.sock.settimeout(FATAL_SEND_TIMEOUT)
                 conn.sock.sendall(data)
             self._on_fatal()
-            return
+            return None
         try:
             sent = conn.sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
             self._give_back(conn, _CLOSE)
-            return
+            return None
         conn.keep_alive = keep_alive
         if sent < len(data):
             conn.out = memoryview(data)[sent:]
@@ -636,24 +647,78 @@ class Server:
         elif not keep_alive:
             conn.out = memoryview(b"")
             self._give_back(conn, _SEND_REST)  # the loop shuts and lingers
-        elif conn.buf:
-            self._give_back(conn, _PARSE_MORE)
         else:
-            # The fast path: idle again, without waking the loop. Deadline before state (the
-            # loop's sweep reads the state first), state before re-arming (the next event).
-            # Once IDLE the loop may close it (to make room): the lock keeps that from
-            # happening between here and the re-arming, which would otherwise act on a
-            # descriptor number already reused by a new connection.
-            with self._closing:
-                if conn.closed:
-                    return
-                conn.deadline = time.monotonic() + self._limits.keepalive_timeout
-                conn.state = IDLE
-                try:
-                    self._epoll.modify(conn.fd, _IN)
-                except OSError:
-                    conn.state = ACTIVE
-                    self._give_back(conn, _CLOSE)
+            nxt = self._next_request(conn)
+            if nxt is not None:
+                return nxt
+            if conn.eof:  # the client closed: _next_request saw the end of its stream
+                self._give_back(conn, _CLOSE)
+            elif conn.buf:
+                self._give_back(conn, _PARSE_MORE)
+            else:
+                self._idle_now(conn)
+        return None
+
+    def _next_request(self, conn: _Conn) -> tuple[Request, bytes] | None:  # noqa: PLR0911
+        """The connection's next request, if it is already here or comes within STICKY and
+        no other request is waiting for a thread: a keep-alive client usually sends its next
+        request as soon as it has the answer, and taking it here spares the hand-back to the
+        loop and back to a thread (two thread switches, measured 10-20 % of durable-write
+        throughput at 4 x 8 with 32 clients). Anything unusual (a large body, a partial or
+        bad head, 100-continue) is left to the loop, which owns those rules. None with
+        `conn.eof` set: the client closed the connection."""
+        buf = conn.buf
+        if not buf:
+            if self._stopping or not self._jobs.empty():
+                return None
+            try:
+                poller = select.poll()  # not select(): descriptors go past 1024 here
+                poller.register(conn.fd, select.POLLIN)
+                chunk = conn.sock.recv(READ_SIZE) if poller.poll(STICKY_MS) else None
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                chunk = b""
+            if chunk is None:
+                return None
+            if not chunk:
+                conn.eof = True
+                return None
+            buf += chunk
+        try:
+            end = find_head_end(buf)
+            if end < 0:
+                return None
+            request = parse_head(bytes(buf[:end]))
+        except HttpError:
+            return None  # the loop parses it again and answers the error
+        total = end + request.body_length
+        if (
+            request.body_length > min(SMALL_BODY, self._limits.max_body)  # 413, budget: loop's
+            or request.expect_continue
+            or len(buf) < total
+        ):
+            return None
+        body = bytes(buf[end:total])
+        del buf[:total]
+        return request, body
+
+    def _idle_now(self, conn: _Conn) -> None:
+        # The fast path: idle again, without waking the loop. Deadline before state (the
+        # loop's sweep reads the state first), state before re-arming (the next event).
+        # Once IDLE the loop may close it (to make room): the lock keeps that from
+        # happening between here and the re-arming, which would otherwise act on a
+        # descriptor number already reused by a new connection.
+        with self._closing:
+            if conn.closed:
+                return
+            conn.deadline = time.monotonic() + self._limits.keepalive_timeout
+            conn.state = IDLE
+            try:
+                self._epoll.modify(conn.fd, _IN)
+            except OSError:
+                conn.state = ACTIVE
+                self._give_back(conn, _CLOSE)
 
     def _give_back(self, conn: _Conn, what: str) -> None:
         self._returned.put((conn, what))

@@ -117,7 +117,11 @@ def take_answer(buffer: bytearray, *, head_only: bool = False) -> Answer | None:
 
 def connect(port: int, timeout: float = 2.0) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # reset already: never leave a socket to the garbage collector
+        sock.close()
+        raise
     return sock
 
 
@@ -247,12 +251,17 @@ class Swarm:
         self.peers: list[Peer] = []
         self.selector = selectors.DefaultSelector()
         self.lock = threading.Lock()
+        self.closed = False  # once closed, a connection opened late is closed at once
 
     def _open(self, kind: str, sends: Iterable[tuple[float, bytes]], **kwargs: object) -> Peer:
         sock = connect(self.port)
         sock.setblocking(False)
         peer = Peer(kind, sock, deque(sends), **kwargs)  # type: ignore[arg-type]
         with self.lock:
+            if self.closed:  # a driver thread replacing a connection as the test ends
+                sock.close()
+                peer.closed = time.monotonic()
+                return peer
             self.peers.append(peer)
             self.selector.register(sock, selectors.EVENT_READ, peer)
         return peer
@@ -335,6 +344,7 @@ class Swarm:
 
     def close(self) -> None:
         with self.lock:
+            self.closed = True
             for peer in self.peers:
                 if peer.closed is None:
                     self.selector.unregister(peer.sock)
