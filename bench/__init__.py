@@ -7,4 +7,11 @@ Every cell (store x operation x processes x threads) runs on a fresh store direc
 processes forked from a parent that never opens a store itself, so no handle crosses a fork.
 The modules: `stores` (one adapter per store), `runner` (fork, threads, latency histograms),
 `fsync` (the physical limit), `report` (tables, ratios, targets), `cli` (options, the run).
+
+    ./dev bench --http-only [--rounds 3] [--baseline-runtime PATH] [--kill-recovery N]
+
+The HTTP part (`--http`, or `--http-only` for it alone): `http` starts pmnc-runtime and
+gunicorn's gthread worker (`wsgi`: the same example modules as a WSGI app) at the same workers
+x threads, loads each with wrk (`wrk`: a generated Lua script, results as JSON), and measures a
+fresh client while `hostile` holds idle keep-alive and slow-head connections open.
 """

@@ -1,8 +1,9 @@
 """The physical limit: how many small synchronous writes per second the disk takes, measured
 in the directory the stores use (same filesystem), by one thread.
 
-Two variants, as in shared/notes/berkeleydb.md Q2: appending 512 bytes to a growing file, and
-overwriting 512 bytes in place in a preallocated block; each write followed by fdatasync.
+Two variants, as in docs/berkeleydb.md, "Durability and group commit": appending 512 bytes
+to a growing file, and overwriting 512 bytes in place in a preallocated block; each write
+followed by fdatasync.
 A durable commit needs at least one such flush, so one writer cannot beat this rate; only
 group commit (several commits per flush) can.
 """

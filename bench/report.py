@@ -1,6 +1,6 @@
 """The plain-text report: a header describing the machine and the disk's limit, one table per
 operation with every figure also as a ratio to raw Berkeley DB from the same run, what each
-store guarantees, and issue 2's targets checked against the measured numbers."""
+store guarantees, and pmnc's performance targets checked against the measured numbers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bench.fsync import FsyncResult
 from bench.runner import OP_TITLES, CellResult
@@ -235,7 +234,7 @@ def targets(
 ) -> list[str]:
     """Issue 2's targets for pmnc, each met / not met / not measured, with the numbers."""
     index = {(r.store, r.op, r.config): r for r in results if not r.failed}
-    lines = ["", "== targets (issue 2), measured on this run =="]
+    lines = ["", "== targets, measured on this run =="]
 
     def verdict(ok: bool | None) -> str:
         return {True: "[met]    ", False: "[NOT MET]", None: "[n/a]    "}[ok]
@@ -292,71 +291,3 @@ def targets(
 
 def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-@dataclass
-class HttpPart:
-    node: str  # workers x threads of the generated cage
-    load: str  # load processes x threads
-    direct: list[CellResult]
-    http: list[CellResult]
-    kills: Any  # bench.http.KillResult | None (not imported here: report stays light)
-    stopped: str
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "node": self.node,
-            "load": self.load,
-            "direct": [r.to_json() for r in self.direct],
-            "http": [r.to_json() for r in self.http],
-            "kills": self.kills.to_json() if self.kills is not None else None,
-            "stopped": self.stopped,
-        }
-
-
-def http_section(part: HttpPart, duration: float) -> list[str]:
-    lines = [
-        "",
-        f"== end to end: pmnc-runtime, one cage of {part.node} (workers x threads), loaded "
-        f"over HTTP/1.1 by {part.load} (processes x threads, a keep-alive connection each) ==",
-        "   (the load processes share the same CPUs as the node; the direct rows use the Safe",
-        f"    in {part.load} processes x threads; {duration:g} s per cell)",
-        "",
-    ]
-    head = f"{'what':<38} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7}  {'x direct':>8}  notes"
-    titles = {"set_new": "durable write (new key)", "get": "read"}
-    if part.http or part.direct:
-        lines += [head, "-" * len(head)]
-    for op in ("set_new", "get"):
-        direct = next((r for r in part.direct if r.op == op), None)
-        over = next((r for r in part.http if r.op == op), None)
-        for label, r in (
-            (f"{titles[op]}, over HTTP", over),
-            (f"{titles[op]}, Safe directly", direct),
-        ):
-            if r is None:
-                continue
-            ratio = (
-                _ratio(r.ops_per_s, direct.ops_per_s)
-                if direct is not None and not direct.failed and not r.failed
-                else None
-            )
-            rate = "-" if r.failed else f"{r.ops_per_s:,.0f}"
-            lines.append(
-                f"{label:<38} {rate:>9} {fmt_ms(r.p50_ms):>7} {fmt_ms(r.p99_ms):>7}  "
-                f"{fmt_ratio(ratio):>8}  {_notes(r)}".rstrip()
-            )
-    if part.kills is not None:
-        from bench.http import summarize  # noqa: PLC0415
-
-        k = part.kills
-        lines += [
-            "",
-            f"kill -9 of one worker, {k.kills} time(s), one at a time:",
-            "  from outside (kill until the cage has its full worker count again, the victim gone,",
-            f"  and a durable write over a new connection returns 200): {summarize(k.external)}",
-            f"  the supervisor's own 'serving again' log lines:          {summarize(k.supervisor)}",
-        ]
-        lines += [f"  {f}" for f in k.failures]
-    lines.append(f"  {part.stopped}")
-    return lines

@@ -1,7 +1,7 @@
 """Run one cell: a fresh store directory, a set-up process that creates and prefills it, then
 P forked worker processes of T threads each, started together and stopped on a deadline.
 
-Fork hygiene (shared/STYLE.md, shared/notes/berkeleydb.md Q1): the parent never opens a store
+Fork hygiene (docs/berkeleydb.md, "Handles across fork()"): the parent never opens a store
 and never starts a thread, so it has nothing to leak into a fork; it flushes stdio before each
 fork; each child opens its own handles and leaves through `os._exit` in a `finally`, never
 returning into the parent's frames (an inherited Berkeley DB handle collected at exit panics

@@ -135,7 +135,7 @@ class _PmncHandle(Handle):
 
 
 class BerkeleyDBStore(Store):
-    """The binding used directly, as the notes recommend (shared/notes/berkeleydb.md)."""
+    """The binding used directly, with pmnc's flags (docs/berkeleydb.md, "Environment flags")."""
 
     name = "berkeleydb"
     durability = (
@@ -167,7 +167,8 @@ class BerkeleyDBStore(Store):
         from berkeleydb import db  # noqa: PLC0415
 
         env = db.DBEnv()
-        # Only the region's creator sets these: a joiner's values are ignored (notes, Q2).
+        # Only the region's creator sets these: a joiner's values are ignored
+        # (docs/berkeleydb.md, "Region settings belong to the creator").
         env.set_cachesize(0, CACHE_SIZE, 1)
         env.set_lk_detect(db.DB_LOCK_DEFAULT)
         env.open(str(path), self._flags() | db.DB_RECOVER, 0o600)
