@@ -11,9 +11,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench import fsync, report, runner
 from bench.stores import STORES, Store
+
+if TYPE_CHECKING:
+    from bench.http import Part as HttpPart
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIGS = ("1x1", "1x8", "4x1", "4x8")
@@ -81,18 +85,62 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--http",
         action="store_true",
-        help="also run pmnc-runtime on a generated node and load it over HTTP (write and "
-        "read handlers), next to pmnc used directly at the same processes x threads",
+        help="also run the HTTP part: pmnc-runtime and gunicorn (gthread) serving "
+        "examples/modules, loaded by wrk (reads, durable writes, a fresh client alone and "
+        "beside hostile connections)",
+    )
+    ap.add_argument(
+        "--http-only",
+        action="store_true",
+        help="the HTTP part alone (no store cells, no fdatasync measurement)",
     )
     ap.add_argument(
         "--http-node",
         default="4x8",
-        help="the generated cage's workers x threads (default 4x8)",
+        help="workers x threads of both servers (default 4x8)",
     )
     ap.add_argument(
-        "--http-load",
-        default="4x8",
-        help="load processes x threads, one keep-alive connection per thread (default 4x8)",
+        "--wrk",
+        default="2x32",
+        help="wrk's threads x connections for the load runs (default 2x32)",
+    )
+    ap.add_argument(
+        "--http-seconds",
+        type=float,
+        default=None,
+        help="seconds per wrk run (default 5; 1 with --quick)",
+    )
+    ap.add_argument(
+        "--http-steps",
+        type=_csv,
+        default=None,
+        help="which HTTP measurements, from write,read,fresh,fresh_hostile (default: all)",
+    )
+    ap.add_argument(
+        "--http-prefill",
+        type=int,
+        default=None,
+        help="keys prefilled for the reads (default 10000; 500 with --quick)",
+    )
+    ap.add_argument(
+        "--hostile",
+        default=None,
+        metavar="IDLE,SLOW",
+        help="idle keep-alive and slow-head connections held beside the fresh client "
+        "(default 1000,64; 50,8 with --quick)",
+    )
+    ap.add_argument(
+        "--runtime",
+        default=None,
+        metavar="PATH",
+        help="the pmnc-runtime to measure (default: this environment's)",
+    )
+    ap.add_argument(
+        "--baseline-runtime",
+        default=None,
+        metavar="PATH",
+        help="another pmnc-runtime (e.g. from a worktree of the last commit, with its own venv) "
+        "measured in the same run, labelled 'baseline'",
     )
     ap.add_argument(
         "--kill-recovery",
@@ -125,14 +173,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error("--duration, --prefill and --rounds must be positive")
     try:
         args.http_node_pair = _config(args.http_node)
-        args.http_load_pair = _config(args.http_load)
+        args.wrk_pair = _config(args.wrk)
     except argparse.ArgumentTypeError as e:
-        ap.error(f"--http-node/--http-load: {e}")
+        ap.error(f"--http-node/--wrk: {e}")
+    if args.http_seconds is None:
+        args.http_seconds = 1.0 if args.quick else 5.0
+    if args.http_prefill is None:
+        args.http_prefill = 500 if args.quick else 10000
+    try:
+        idle, slow = (
+            int(x) for x in (args.hostile or ("50,8" if args.quick else "1000,64")).split(",")
+        )
+    except ValueError:
+        ap.error(f"--hostile: expected IDLE,SLOW such as 1000,64, got {args.hostile!r}")
+    if idle < 0 or slow < 0 or args.http_seconds <= 0 or args.http_prefill < 1:
+        ap.error("--hostile, --http-seconds and --http-prefill must be positive")
+    args.hostile_pair = (idle, slow)
+    steps = ("write", "read", "fresh", "fresh_hostile")
+    args.http_steps = tuple(args.http_steps or steps)
+    for step in args.http_steps:
+        if step not in steps:
+            ap.error(f"--http-steps: unknown {step!r} (known: {', '.join(steps)})")
+    if args.http_only:
+        args.http = True
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["footprint"]:  # disk per payload byte, idle footprint: bench/footprint.py
+        from bench import footprint  # noqa: PLC0415
+
+        return footprint.main(argv[1:])
     args = parse_args(argv)
     started = datetime.datetime.now(datetime.UTC)
     load_start = report.loadavg()
@@ -153,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cells = []
     skipped: list[str] = []
-    for op in args.ops:
+    for op in [] if args.http_only else args.ops:
         for (p, t), config in zip(args.config_pairs, args.configs, strict=True):
             for store in stores:
                 if store.processes_max is not None and p > store.processes_max:
@@ -167,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         f"({report.filesystem_of(run_dir)}); about {estimate / 60:.1f} min"
     )
     t_start = time.monotonic()
-    http_part: report.HttpPart | None = None
+    http_part: HttpPart | None = None
+    fsync_variants = () if args.http_only else ("append", "overwrite")
     try:
         fsync_runs = []
-        for variant in ("append", "overwrite"):
+        for variant in fsync_variants:
             fsync_runs.append(("start", fsync.measure(run_dir, variant, args.fsync_seconds)))
         results: list[runner.CellResult] = []
         for n, (op, p, t, config, store) in enumerate(cells, 1):
@@ -189,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{status}"
             )
         if args.http or args.kill_recovery:
-            http_part = _run_http(args, stores, results, run_dir)
-        for variant in ("append", "overwrite"):
+            http_part = _run_http(args, run_dir)
+        for variant in fsync_variants:
             fsync_runs.append(("end", fsync.measure(run_dir, variant, args.fsync_seconds)))
     finally:
         if not args.keep:
@@ -213,17 +286,23 @@ def main(argv: list[str] | None = None) -> int:
         results=results,
         tree=tree,
     )
+    if args.http_only:  # the machine and the code; nothing about stores or the disk
+        keep = ("pmnc benchmark", "command:", "date:", "machine:", "code:", "load avg:")
+        lines = [x for x in lines if x.startswith(keep)] + ["versions:  " + _http_versions()]
     lines += report.tables(results, args.ops, args.configs)
     if skipped:
         lines += ["", "not run: " + ", ".join(skipped) + " (shelve is one process only)"]
-    lines += report.durability(stores)
-    if "pmnc" in {s.name for s in stores}:
+    if not args.http_only:
+        lines += report.durability(stores)
+    if "pmnc" in {s.name for s in stores} and results:
         lines += report.targets(results, fsync_append, args.configs)
         lines.append(
             "            (fdatasync rate: the higher of the start and end append measurements)"
         )
     if http_part is not None:
-        lines += report.http_section(http_part, args.duration)
+        from bench import http  # noqa: PLC0415 - only this mode needs it
+
+        lines += http.section(http_part)
     lines.append("")
     lines.append(f"total time {time.monotonic() - t_start:.0f} s")
     print("\n".join(lines), flush=True)
@@ -251,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             encoding="utf-8",
         )
     failed = [r for r in results if r.failed]
-    return 1 if failed else 0
+    return 1 if failed or (http_part is not None and http_part.failed()) else 0
 
 
 def _measure(
@@ -271,44 +350,42 @@ def _measure(
     return rounds[(len(rounds) - 1) // 2]
 
 
-def _run_http(
-    args: argparse.Namespace, stores: list[Store], results: list[runner.CellResult], run_dir: Path
-) -> report.HttpPart:
-    """The end-to-end part: pmnc direct at the load's PxT (reused from the main cells when
-    they ran), then the node over HTTP, then the kills."""
+def _http_versions() -> str:
     from bench import http  # noqa: PLC0415 - only this mode needs it
 
-    part = report.HttpPart(
-        node=args.http_node, load=args.http_load, direct=[], http=[], kills=None, stopped=""
+    return http.versions()
+
+
+def _run_http(args: argparse.Namespace, run_dir: Path) -> HttpPart:
+    """The HTTP part: every server in rounds, then the kills."""
+    from bench import http  # noqa: PLC0415 - only this mode needs it
+
+    workers, threads = args.http_node_pair
+    wrk_threads, wrk_connections = args.wrk_pair
+    idle, slow = args.hostile_pair
+    opts = http.Options(
+        workers=workers,
+        threads=threads,
+        wrk_threads=wrk_threads,
+        wrk_connections=wrk_connections,
+        seconds=args.http_seconds,
+        fresh_seconds=args.http_seconds,
+        prefill=args.http_prefill,
+        idle=idle,
+        slow=slow,
+        rounds=args.rounds,
+        steps=args.http_steps,
+        hostile_ready_s=10.0 if args.quick else 30.0,
+        settle_s=0.5 if args.quick else 2.0,
     )
-    lp, lt = args.http_load_pair
-    if args.http:
-        pmnc = STORES["pmnc"]
-        why = pmnc.unavailable()
-        for op in ("set_new", "get"):
-            found = [
-                r for r in results if r.store == "pmnc" and r.op == op and r.config == f"{lp}x{lt}"
-            ]
-            if found:
-                part.direct.append(found[0])
-            elif why is None:
-                r = _measure(args, pmnc, op, lp, lt, run_dir / f"direct-{op}")
-                report.progress(f"direct pmnc {op} {r.config}: {r.ops_per_s:,.0f} ops/s")
-                part.direct.append(r)
-    wp, wt = args.http_node_pair
-    try:
-        part.http, part.kills, part.stopped = http.run(
-            run_dir,
-            workers=wp,
-            threads=wt,
-            load=(lp, lt),
-            duration=args.duration,
-            prefill=args.prefill,
-            kills=args.kill_recovery,
-            do_load=args.http,
-            progress=report.progress,
-        )
-    except Exception as e:
-        part.stopped = f"FAILED: {type(e).__name__}: {e}"
-        report.progress(f"http: {part.stopped}")
-    return part
+    # 1,064 hostile connections and wrk's: the servers and the helper inherit this limit.
+    http.raise_nofile(65536)
+    return http.run(
+        run_dir,
+        opts,
+        runtime=[args.runtime] if args.runtime else None,
+        baseline=[args.baseline_runtime] if args.baseline_runtime else None,
+        kills=args.kill_recovery,
+        do_load=args.http,
+        progress=report.progress,
+    )
