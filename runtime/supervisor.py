@@ -18,12 +18,13 @@ poll(); the loop dispatches each signal through an explicit table. Children are 
 can deadlock).
 
 Why a crash restarts the whole cage: a process that dies inside a Berkeley DB call leaves page
-locks held, and the other workers of its environments block on them forever (berkeleydb.md Q4:
-a lock timeout does not free them). Every worker opens every module safe of its cage, so on any
-unclean exit (a signal, kill -9, a non-zero status, EXIT_NEEDS_RECOVERY) the supervisor
-SIGKILLs the rest of the cage at once, reaps them, recovers each of the cage's safes with
-`prepare()` (0.02-0.1 s), and forks fresh workers. Recovery must come *before* any new worker
-joins: with DB_REGISTER a joiner that meets a dead registrant panics everyone (Q1). A clean exit
+locks held, and the other workers of its environments block on them forever (a lock timeout
+does not free them: docs/berkeleydb.md, "Why the supervisor kills the rest of the cage"). Every
+worker opens every module safe of its cage, so on any unclean exit (a signal, kill -9, a
+non-zero status, EXIT_NEEDS_RECOVERY) the supervisor SIGKILLs the rest of the cage at once,
+reaps them, recovers each of the cage's safes with `prepare()` (0.02-0.1 s), and forks fresh
+workers. Recovery must come *before* any new worker joins: with DB_REGISTER a joiner that meets
+a dead registrant panics everyone (docs/berkeleydb.md, "Recovery after kill -9"). A clean exit
 (status 0: every safe closed) needs none of this.
 
 Restarts back off exponentially while a cage keeps dying; a worker that cannot boot (a module
@@ -237,9 +238,10 @@ class Supervisor:
 
         `prepare()` opens with DB_RECOVER: it must never run on a safe a worker still has open
         (or a worker that died but is not reaped yet had open). Recovery under a live process
-        leaves it running in the removed region (berkeleydb.md Q1, Q4), and prepare has no lock
-        timeout, so this single-threaded loop could hang on a live worker's lock. A safe in use
-        was prepared before its workers were forked, so there is nothing to do for it.
+        leaves it running in the removed region (docs/berkeleydb.md, "Recovery after kill -9"),
+        and prepare has no lock timeout, so this single-threaded loop could hang on a live
+        worker's lock. A safe in use was prepared before its workers were forked, so there is
+        nothing to do for it.
 
         Listening sockets of `current` cages with an unchanged address are reused, so a reload
         never closes a socket clients are connecting to. Raises SafeError or OSError, having
@@ -428,10 +430,11 @@ class Supervisor:
             # A blocking wait, on purpose. SIGKILL cannot be caught, so it is short, except for
             # a worker in uninterruptible sleep (D state: a hung disk or NFS), which still holds
             # its mappings and its DB_REGISTER slot until it is really gone. Recovering before
-            # that would recover under a live process (berkeleydb.md Q1, Q4), and this cage
-            # cannot serve again until it is recovered anyway. A bounded wait would only let
-            # the other cages go on meanwhile, at the price of a "recovery pending" state that
-            # every path (reload, stop, a second crash) must respect; not worth it so far.
+            # that would recover under a live process (docs/berkeleydb.md, "Recovery after
+            # kill -9"), and this cage cannot serve again until it is recovered anyway. A
+            # bounded wait would only let the other cages go on meanwhile, at the price of a
+            # "recovery pending" state that every path (reload, stop, a second crash) must
+            # respect; not worth it so far.
             # Other children stay queued for the reap loop.
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(v.pid, 0)

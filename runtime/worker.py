@@ -77,7 +77,8 @@ def run(spec: WorkerSpec) -> None:
             logger.exception("worker failed")
     finally:
         # Never run interpreter shutdown here: its GC would close handles inherited from the
-        # supervisor, which panics Berkeley DB environments (berkeleydb.md, Q1 B gc).
+        # supervisor, which panics Berkeley DB environments (docs/berkeleydb.md, "Handles
+        # across fork()").
         os._exit(code)
 
 

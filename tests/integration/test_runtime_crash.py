@@ -1,7 +1,8 @@
 """Crashes under load: kill -9 of a worker, of the whole tree, a hung worker, a lost supervisor.
 
 Every write a client saw acknowledged (200) must be there afterwards; Berkeley DB locks left by a
-dead worker must not freeze the cage (berkeleydb.md Q4: the supervisor kills and recovers).
+dead worker must not freeze the cage (the supervisor kills and recovers: docs/berkeleydb.md,
+"Why the supervisor kills the rest of the cage").
 """
 
 from __future__ import annotations
