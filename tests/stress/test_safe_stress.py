@@ -206,8 +206,8 @@ def test_long_run_removes_logs_and_keeps_the_directory_bounded(
         f"{max(sizes) >> 20} MiB, {settled >> 20} MiB at the end, {closed >> 20} MiB closed"
     )
     assert writes[0] * 4000 > 3 * data, "too few writes to say anything"
-    # The bound is checkpoint lag, not history: log removal keeps everything back to the start
-    # of the previous checkpoint, and a checkpoint under this load takes 1-3 s (libdb waits a
+    # The bound is checkpoint lag, not history: log removal keeps the log from where the last
+    # checkpoint began, and a checkpoint under this load takes 1-3 s (libdb waits a
     # second whenever a page it must flush is pinned by a writer). So what is kept is the log
     # of the last few seconds: measured up to ~7 s worth; allow 10 s of this run's own rate.
     files_per_s = len(seen) / duration
