@@ -41,6 +41,7 @@ from pmnc.safe import verify as safe_verify
 
 from . import dumpfile, unpickle
 from .progress import Progress
+from .status import rss_bytes
 
 __all__ = ["add_parser", "run"]
 
@@ -250,15 +251,37 @@ def _safes_under(data_dir: Path) -> list[Path]:
 # -- commands --------------------------------------------------------------------------------------
 
 
+def _region_bytes(path: Path) -> int:
+    """Disk blocks of the shared regions (`__db.0nn`), reservations included."""
+    total = 0
+    for p in path.glob("__db.0[0-9][0-9]"):
+        with contextlib.suppress(OSError):
+            total += p.stat().st_blocks * 512
+    return total
+
+
+def _rss(pids: list[int]) -> str:
+    """Each user's resident set, in the USERS column's order ("-" where /proc cannot say)."""
+    sizes = [rss_bytes(pid) for pid in pids]
+    return ",".join("-" if n is None else _size(n).replace(" ", "") for n in sizes)
+
+
 def _list(args: argparse.Namespace) -> int:
-    """A table of every safe; a safe that cannot be read gets "?" and one stderr line."""
-    rows = [("SAFE", "KEYS", "DATA", "LOG", "CHECKPOINT", "USERS")]
+    """A table of every safe; a safe that cannot be read gets "?" and one stderr line.
+
+    REGIONS is the disk the shared regions hold (read before opening: our own opening does
+    not change it), RSS the resident set of each process in USERS.
+    """
+    rows: list[tuple[str, ...]] = [
+        ("SAFE", "KEYS", "DATA", "LOG", "REGIONS", "CHECKPOINT", "USERS", "RSS")
+    ]
     failures = []
     now = time.time()
     for path in _safes_under(Path(args.data_dir)):
         pids = safe_users(path)  # before opening: our own opening would count as a user
         data = _size((path / DATA_FILE).stat().st_size)
         log = _size(_log_bytes(path))
+        regions = _size(_region_bytes(path))
         try:
             with _opened(path, checkpoint_interval=3600) as safe:
                 keys = str(len(safe))
@@ -267,7 +290,8 @@ def _list(args: argparse.Namespace) -> int:
             failures.append(str(e))
             keys, stamp = "?", 0
         checkpoint = _age(now - stamp) + " ago" if isinstance(stamp, int | float) and stamp else "-"
-        rows.append((path.name, keys, data, log, checkpoint, _pids(pids) or "-"))
+        entry = (path.name, keys, data, log, regions, checkpoint, _pids(pids), _rss(pids))
+        rows.append(tuple(cell or "-" for cell in entry))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = [

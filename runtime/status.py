@@ -27,8 +27,13 @@ before the load (0 requests). `pmnc-runtime status` right after a load showed ex
 
 Aggregation over a cage's live workers: counts and rates are summed; per operation p50 is the
 median of the workers' p50 and p99 the worst (largest) of their p99; environment-wide figures
-(log size, last checkpoint, cache hit ratio: one shared Berkeley DB region) come from the most
-recent report.
+(log size, last checkpoint, cache hit ratio, region bytes: one shared Berkeley DB environment)
+come from the most recent report.
+
+Memory: each worker reports its resident set (`rss_bytes`, from /proc/self/statm: the pages
+of the shared regions it touched count in every worker that mapped them), and each safe the
+disk its shared regions hold (`region_bytes`, reservations included: docs/footprint.md), so an
+operator sees what a module costs besides its data.
 """
 
 from __future__ import annotations
@@ -70,6 +75,15 @@ STATUS_CLASSES = ("2xx", "4xx", "5xx")  # what the server answers (no 1xx or 3xx
 
 class NotRunningError(Exception):
     """No live supervisor reports for this cage: the node is not running."""
+
+
+def rss_bytes(pid: int | str = "self") -> int | None:
+    """Resident set size of a process (this one by default), None where /proc cannot say."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def run_dir(config: NodeConfig, cage: str) -> Path:
@@ -148,6 +162,7 @@ class Reporter:
             "pid": os.getpid(),
             "started": self._started,
             "written": time.time(),
+            "rss_bytes": rss_bytes(),
             **self._requests(),
             "safes": safes,
         }
@@ -257,6 +272,7 @@ def aggregate(
                 "ready": w.get("ready", False),
                 "requests": report.get("requests", 0),
                 "responses": {k: counts.get(k, 0) for k in STATUS_CLASSES},
+                "rss_bytes": report.get("rss_bytes"),
                 "report_age_s": None if written is None else round(max(0.0, now - written), 3),
             }
         )
@@ -307,6 +323,7 @@ def _aggregate_safe(name: str, reports: list[Mapping[str, Any]], now: float) -> 
         "log_bytes": latest.get("log_bytes"),
         "last_checkpoint_age_s": round(max(0.0, now - checkpoint), 1) if checkpoint else None,
         "cache_hit_ratio": latest.get("cache_hit_ratio"),
+        "region_bytes": latest.get("region_bytes"),
     }
 
 
@@ -325,7 +342,9 @@ def render(status: Mapping[str, Any]) -> str:
         f"(2xx {r.get('2xx', 0)}, 4xx {r.get('4xx', 0)}, 5xx {r.get('5xx', 0)})",
         "",
     ]
-    rows = [["pid", "slot", "uptime", "restarts", "requests", "4xx", "5xx", "ready", "report"]]
+    rows = [
+        ["pid", "slot", "uptime", "restarts", "requests", "4xx", "5xx", "rss", "ready", "report"]
+    ]
     for w in status.get("workers", []):
         age = w.get("report_age_s")
         rows.append(
@@ -337,6 +356,7 @@ def render(status: Mapping[str, Any]) -> str:
                 str(w.get("requests", 0)),
                 str(w["responses"].get("4xx", 0)),
                 str(w["responses"].get("5xx", 0)),
+                _size(w.get("rss_bytes")),
                 "yes" if w.get("ready") else "no",
                 "none yet" if age is None else f"{age:.1f} s ago",
             ]
@@ -346,7 +366,9 @@ def render(status: Mapping[str, Any]) -> str:
     if not safes:
         lines += ["", "no safe reported yet"]
         return "\n".join(lines)
-    rows = [["safe", "ops/s", "ops", "retries", "errors", "log", "checkpoint", "cache hit"]]
+    rows = [
+        ["safe", "ops/s", "ops", "retries", "errors", "log", "regions", "checkpoint", "cache hit"]
+    ]
     for name, s in safes.items():
         ratio = s.get("cache_hit_ratio")
         age = s.get("last_checkpoint_age_s")
@@ -358,6 +380,7 @@ def render(status: Mapping[str, Any]) -> str:
                 str(s["retries"]),
                 str(sum(s["errors"].values())),
                 _size(s.get("log_bytes")),
+                _size(s.get("region_bytes")),
                 "never" if age is None else f"{_duration(age)} ago",
                 "-" if ratio is None else f"{100 * ratio:.1f}%",
             ]

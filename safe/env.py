@@ -3,8 +3,8 @@
 One safe is one directory holding one Berkeley DB environment and one B-tree database. This
 module owns everything that touches them: flags, opening, recovery, the retry funnel through which
 every operation passes, error translation, the per-process maintenance thread, and the rules for
-handles across fork(). What it relies on was measured (shared/notes/berkeleydb.md in the project's
-notes) and is proven again by the tests under tests/integration/test_safe_*.py:
+handles across fork(). What it relies on is written down, each fact with the test that proves
+it, in docs/berkeleydb.md (and, for disk and per-call costs, docs/footprint.md):
 
 - DB_REGISTER allows one DBEnv per process per environment, so a process keeps one
   `Environment` per directory in `_registry`, shared by every `Safe` opened on that path.
@@ -16,8 +16,15 @@ notes) and is proven again by the tests under tests/integration/test_safe_*.py:
   lock requests every tick so that every lock wait is bounded. (A wait on a region mutex that a
   killed process held is not: libdb 5.3's mutexes are not robust; only killing the waiter ends it,
   which is what the runtime's supervisor does.)
-- A file-backed region that grows on a full disk kills the process with SIGBUS, so writes are
-  refused with SafeNoSpaceError while free space is under a reserve.
+- A file-backed region that grows on a full disk kills the process with SIGBUS. Region files
+  therefore get their disk blocks reserved before libdb can touch them, lazily: the cache region
+  only ever holds pages of the data file, so its reservation follows the data file's size (plus
+  headroom), not the cache size; an idle safe stays small and a node's footprint follows its
+  data, not its number of modules (docs/footprint.md, tests/integration/test_footprint.py).
+  Writes are also refused with SafeNoSpaceError while free space is under a reserve.
+- New databases get 32 KiB pages: values up to 8 KiB stay on their B-tree page, and the ones
+  that go to overflow pages waste at most half of them past 43 KiB (docs/footprint.md has the
+  table); an existing file keeps the page size it was created with.
 - Checkpoints with DB_LOG_AUTO_REMOVE keep the logs, and recovery time, bounded.
 """
 
@@ -38,7 +45,6 @@ import stat
 import struct
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,15 +94,21 @@ LOCK_TIMEOUT_S = 0.5
 TICK_S = 0.1
 # Checkpoint as soon as this much log was written since the last one, whatever the interval.
 CHECKPOINT_KBYTES = 2 * 1024
-# Backoff between retries of a deadlocked or expired operation (notes, summary step 8).
+# Size of a log file. The current one stays after a checkpoint, with as many blocks as were
+# written into it: libdb's default of 10 MiB kept up to 10 MiB per safe that had been written,
+# idle or not (a node of 50 modules: 500 MiB); 2 MiB files bound that at the same write rate.
+LOG_FILE_SIZE = 2 << 20
+# Backoff between retries of a deadlocked or expired operation (docs/berkeleydb.md, "Deadlocks,
+# retries and DB_RMW").
 BACKOFF_MAX_S = 0.05
 # Every this many ticks, look for registered processes that died (see _check_registrants).
 REGISTRANT_CHECK_TICKS = 3
 # How long close() waits for calls still running in other threads before leaving the env open.
 CLOSE_WAIT_S = 5.0
-# How long a free-space reading is trusted before statvfs is asked again.
-SPACE_CHECK_PERIOD_S = 0.2
-LATENCY_SAMPLES = 2048
+# Bytes a write path may add (counted twice: log and page) before it asks statvfs and extends
+# the regions' reservation itself rather than waiting for the maintenance thread's next tick.
+WRITTEN_REFRESH = 256 << 10
+LATENCY_SAMPLES = 2048  # a power of two: the ring of recent samples is indexed with a mask
 # Upper bounds (s) of the operation duration histogram's buckets, last one +Inf: from a cached
 # read (~10 us) to a durable write (~1-5 ms with fsync) to a call stuck in lock waits (the 10 s
 # default timeout). Fixed, so that every process's counts add up bucket by bucket.
@@ -104,10 +116,18 @@ DURATION_BUCKETS = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+# The same bounds in integer nanoseconds: a call is timed with perf_counter_ns, no float math.
+_BUCKETS_NS = tuple(round(b * 1e9) for b in DURATION_BUCKETS)
 # Cache of an environment that recovery (re)creates outside any Safe.open.
 RECOVERY_CACHE_SIZE = 32 << 20
 # One plain read in this many is timed (and counted by `call`); the others are only counted.
 READ_SAMPLE_EVERY = 16
+READ_SAMPLE_MASK = READ_SAMPLE_EVERY - 1  # a power of two: `n & mask` picks the sampled reads
+# Page size of a database file this code creates (an existing file keeps its own): measured,
+# 32 KiB keeps the data file within 1.5x the payload at 100 B (keys in order), 1 KB, 4 KB and
+# 64 KiB values, at the same concurrent write rate as 8 KiB pages (docs/footprint.md).
+PAGE_SIZE = 32 << 10
+DBError = db.DBError  # for pmnc.safe.store's hot read path, which does not import the binding
 
 # What to do about an environment that needs recovery, in every message that says so.
 RECOVERY_TODO = (
@@ -128,13 +148,17 @@ class Options:
 
 
 class _OpStats:
-    __slots__ = ("buckets", "count", "nanoseconds", "samples")
+    """One thread's figures for one operation: only that thread writes them, so no lock."""
+
+    __slots__ = ("buckets", "count", "nanoseconds", "next", "samples")
 
     def __init__(self) -> None:
         self.count = 0
-        # The recent samples give p50/p99 of the last moments (`/_status`); the bucket counts
-        # and their sum never forget, so they add up across processes (`/metrics` histogram).
-        self.samples: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        # A ring of the recent durations (ns) gives p50/p99 of the last moments (`/_status`);
+        # the bucket counts and their sum never forget, so they add up across processes
+        # (`/metrics` histogram). Preallocated: recording allocates nothing.
+        self.samples = [0] * LATENCY_SAMPLES
+        self.next = 0
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
         # Integer nanoseconds: sums of several processes' figures then add up to the same total
         # in any order (float additions do not, and a total must never seem to go backwards).
@@ -142,50 +166,112 @@ class _OpStats:
 
 
 class _Stats:
-    """Per-process counters of one environment, cheap enough for every call."""
+    """Per-process counters of one environment, cheap enough for every call.
+
+    Each thread records into its own `_OpStats` (found through a threading.local), so recording
+    takes no lock and allocates nothing once a thread has met an operation; `snapshot` sums the
+    threads' figures. Every figure only grows, so a snapshot taken while threads record is at
+    worst a moment behind, never backwards. A thread that has ended is folded into `_retired`
+    (its counts and histogram; the ended threads' last LATENCY_SAMPLES samples) when the next
+    thread starts recording, so memory follows the live threads, not every thread there was.
+    """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.by_op: dict[str, _OpStats] = {}
+        self.lock = threading.Lock()  # new threads, errors and snapshots: never the hot path
+        self._local = threading.local()
+        self._threads: list[tuple[threading.Thread, dict[str, _OpStats], list[int]]] = []
+        self._retired: dict[str, _OpStats] = {}
+        self._retired_retries = 0
         self.errors: dict[str, int] = {}
-        self.retries = 0
 
-    def record(self, what: str, seconds: float, retries: int) -> None:
+    def _for_thread(self) -> dict[str, _OpStats]:
+        ops: dict[str, _OpStats] = {}
+        retries = [0]
         with self.lock:
-            entry = self.by_op.get(what)
-            if entry is None:
-                entry = self.by_op[what] = _OpStats()
-            entry.count += 1
-            entry.samples.append(seconds)
-            entry.buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1  # le: <= bound
-            entry.nanoseconds += round(seconds * 1e9)
-            if retries:
-                self.retries += retries
+            live = []
+            for entry in self._threads:
+                if entry[0].is_alive():
+                    live.append(entry)
+                else:
+                    self._retire(entry[1], entry[2])
+            live.append((threading.current_thread(), ops, retries))
+            self._threads = live
+        self._local.ops = ops
+        self._local.retries = retries
+        return ops
+
+    def _retire(self, ops: dict[str, _OpStats], retries: list[int]) -> None:
+        self._retired_retries += retries[0]
+        for what, entry in ops.items():
+            total = self._retired.get(what)
+            if total is None:
+                total = self._retired[what] = _OpStats()
+                total.samples = []
+            recent = entry.samples[: min(entry.count, LATENCY_SAMPLES)]
+            total.samples = (total.samples + recent)[-LATENCY_SAMPLES:]
+            total.count += entry.count
+            total.nanoseconds += entry.nanoseconds
+            total.buckets = [a + b for a, b in zip(total.buckets, entry.buckets, strict=True)]
+
+    def record(self, what: str, nanoseconds: int, retries: int) -> None:
+        try:
+            ops: dict[str, _OpStats] = self._local.ops
+        except AttributeError:
+            ops = self._for_thread()
+        entry = ops.get(what)
+        if entry is None:
+            entry = ops[what] = _OpStats()
+        entry.count += 1
+        i = entry.next
+        entry.samples[i & (LATENCY_SAMPLES - 1)] = nanoseconds
+        entry.next = i + 1
+        entry.buckets[bisect.bisect_left(_BUCKETS_NS, nanoseconds)] += 1  # le: <= bound
+        entry.nanoseconds += nanoseconds
+        if retries:
+            self._local.retries[0] += retries
 
     def error(self, what: str) -> None:
         with self.lock:
             self.errors[what] = self.errors.get(what, 0) + 1
 
     def snapshot(self) -> dict[str, Any]:
-        with self.lock:
-            latency: dict[str, dict[str, float]] = {}
-            for what, entry in self.by_op.items():
-                ordered = sorted(entry.samples)
-                if ordered:
-                    latency[what] = {
-                        "p50_ms": 1000 * ordered[len(ordered) // 2],
-                        "p99_ms": 1000 * ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)],
-                    }
-            return {
-                "ops": {what: entry.count for what, entry in self.by_op.items()},
-                "errors": dict(self.errors),
-                "retries": self.retries,
-                "latency": latency,
-                "durations": {
-                    what: {"counts": list(entry.buckets), "sum_ns": entry.nanoseconds}
-                    for what, entry in self.by_op.items()
-                },
-            }
+        counts: dict[str, int] = {}
+        buckets: dict[str, list[int]] = {}
+        sums: dict[str, int] = {}
+        samples: dict[str, list[int]] = {}
+        with self.lock:  # the retired totals change only under it: read them there
+            threads = [ops for _, ops, _ in self._threads]
+            retries = self._retired_retries + sum(r[0] for _, _, r in self._threads)
+            errors = dict(self.errors)
+            for what, entry in self._retired.items():
+                counts[what] = entry.count
+                buckets[what] = list(entry.buckets)
+                sums[what] = entry.nanoseconds
+                samples[what] = list(entry.samples)
+        for ops in threads:
+            for what, entry in list(ops.items()):  # list(): atomic against a thread adding one
+                n = entry.count
+                counts[what] = counts.get(what, 0) + n
+                total = buckets.setdefault(what, [0] * len(entry.buckets))
+                for b, c in enumerate(list(entry.buckets)):
+                    total[b] += c
+                sums[what] = sums.get(what, 0) + entry.nanoseconds
+                samples.setdefault(what, []).extend(entry.samples[: min(n, LATENCY_SAMPLES)])
+        latency: dict[str, dict[str, float]] = {}
+        for what, recent in samples.items():
+            ordered = sorted(recent)
+            if ordered:
+                latency[what] = {
+                    "p50_ms": ordered[len(ordered) // 2] / 1e6,
+                    "p99_ms": ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)] / 1e6,
+                }
+        return {
+            "ops": counts,
+            "errors": errors,
+            "retries": retries,
+            "latency": latency,
+            "durations": {what: {"counts": buckets[what], "sum_ns": sums[what]} for what in counts},
+        }
 
 
 def _lock_directory(path: Path, what: str, *, exclusive: bool) -> int:
@@ -229,10 +315,11 @@ def _open_env(
 ) -> Any:
     """Open (creating if needed) the environment at `path` with our flags, or raise SafeError."""
     if min_free_space > 0:
-        # Creating or recovering the regions grows sparse, mmapped files: on a full disk that
-        # is a SIGBUS, so an open that might have to do it needs room for them first.
+        # Creating or recovering the regions writes mmapped files: on a full disk that is a
+        # SIGBUS, so an open that might have to do it needs room for them first (what a new
+        # environment reserves: docs/footprint.md).
         st = os.statvfs(path)
-        needed = cache_size + cache_size // 4 + (8 << 20)
+        needed = cache_size // 8 + (4 << 20)
         if st.f_bavail * st.f_frsize < needed:
             raise SafeNoSpaceError(
                 path,
@@ -248,6 +335,8 @@ def _open_env(
         env.set_cachesize(cache_size >> 30, cache_size & ((1 << 30) - 1), 1)
         env.set_lk_detect(db.DB_LOCK_DEFAULT)
         env.set_timeout(int(LOCK_TIMEOUT_S * 1_000_000), db.DB_SET_LOCK_TIMEOUT)
+        # Applies to the next log file, also in an existing environment (docs/footprint.md).
+        env.set_lg_max(LOG_FILE_SIZE)
         flags = ENV_FLAGS if register else ENV_FLAGS & ~db.DB_REGISTER
         # Log files get FILE_MODE exactly (libdb fchmods them), not 0600 cut by the umask: set
         # before the open for the logs recovery writes, and after it into the shared region,
@@ -256,8 +345,7 @@ def _open_env(
         env.open(str(path), flags | recover, FILE_MODE)
         env.set_lg_filemode(FILE_MODE)
         env.log_set_config(db.DB_LOG_AUTO_REMOVE, 1)
-        gbytes, nbytes, _ = env.get_cachesize()  # the region creator's, whatever we asked
-        _reserve_regions(path, (gbytes << 30) + nbytes)
+        _reserve_regions(path, env, {})
         # The regions hold cached pages of the data; __db.register is created 0660.
         _make_private(path)
     except (db.DBError, OSError) as e:
@@ -267,8 +355,15 @@ def _open_env(
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-# Blocks reserved past the end of each region file for its growth (more lockers, mutexes).
-REGION_HEADROOM = 2 << 20
+# Blocks reserved past the end of each region file for its growth (more lockers, mutexes, cache
+# buffers) before the next reservation: the maintenance thread's tick, or a write path that
+# wrote WRITTEN_REFRESH bytes.
+REGION_HEADROOM = 512 << 10
+# The buffer cache's: libdb grows it by at most 1 MiB at a time (measured), and writes between
+# two reservations (WRITTEN_REFRESH per process) add pages to it that the data file has not yet.
+CACHE_HEADROOM = 2 << 20
+# `__db.001` (locks, log, transactions) reached 1,073,152 bytes at most under load (measured).
+PRIMARY_RESERVE = 5 << 18
 _FALLOC_FL_KEEP_SIZE = 1
 
 
@@ -314,39 +409,79 @@ def _fallocate_keep_size(fd: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _reserve_regions(path: Path, cache_size: int) -> None:
-    """Give the region files real disk blocks now, for what they hold and for what is to come.
+def _reserve_regions(path: Path, env: Any, reserved: dict[str, int]) -> None:
+    """Give the region files real disk blocks before libdb touches them, as lazily as is safe.
 
-    Region files are mmapped; libdb grows them as sparse files, and touching a page that the
-    full disk cannot back kills the process with SIGBUS (reads included: the cache fills on
-    reads). Holes are filled, every region gets headroom, and the buffer-cache region (measured:
-    the last region file, growing to about 1.25x the cache size) gets its blocks reserved past
-    its end, so its later growth needs no new space. On a disk already too full this fails
-    cleanly with ENOSPC, instead of a SIGBUS later.
+    Region files are mmapped; libdb grows them as sparse files, and touching a page that a full
+    disk cannot back kills the process with SIGBUS (reads included: the cache fills on reads).
+    Each file's holes are filled and blocks are reserved past its end (fallocate KEEP_SIZE):
+
+    - the buffer cache (the last region file) as far as it could grow before the next call:
+      every page the data file has (reads can bring in nothing else), plus CACHE_HEADROOM for
+      pages that writes create and libdb's growth step (at most 1 MiB, measured), plus twice
+      what it grew since the previous call; never past the cache's maximum (`regmax`);
+    - the mutex region (`__db.002`, written whole at creation) to its maximum;
+    - the others (`__db.001`: locks, log, transactions) REGION_HEADROOM past their end, and at
+      least PRIMARY_RESERVE.
+
+    Called at every opening, by the maintenance thread every tick, and by a write path every
+    WRITTEN_REFRESH bytes. On a disk too full this fails cleanly with ENOSPC instead of a SIGBUS
+    later. `reserved` (per file name) remembers what was reserved and the size then, so a call
+    with nothing new to reserve costs a few fstats.
     """
-    regions = sorted(path.glob("__db.0[0-9][0-9]"))
-    for n, region in enumerate(regions):
-        fd = os.open(region, os.O_RDWR)
+    mpool = env.memp_stat()[0]
+    cache_max = mpool.get("regmax", 0)
+    mutex_max = env.mutex_stat().get("regmax", 0)
+    try:
+        data_size = os.stat(path / DB_FILE).st_size
+    except FileNotFoundError:
+        data_size = 0
+    names = sorted(path.glob("__db.0[0-9][0-9]"))
+    for n, region in enumerate(names):
+        fd = os.open(region, os.O_RDWR | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
-            want = size + REGION_HEADROOM
-            if n == len(regions) - 1:
-                want = max(want, cache_size + cache_size // 4 + (4 << 20))
+            if n == len(names) - 1 and n > 0:
+                grew = max(0, size - reserved.get(region.name + "@", size))
+                want = size + data_size + CACHE_HEADROOM + 2 * grew
+                if cache_max:
+                    want = max(size + REGION_HEADROOM, min(cache_max, want))
+            elif region.name == "__db.002" and mutex_max:
+                want = max(size + REGION_HEADROOM // 4, mutex_max)
+            else:
+                want = max(size + REGION_HEADROOM, PRIMARY_RESERVE)
+            reserved[region.name + "@"] = size
+            if reserved.get(region.name, 0) >= want:
+                continue
             _fallocate_keep_size(fd, want)
             if size:
                 os.posix_fallocate(fd, 0, size)
+            reserved[region.name] = want
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
-            # A filesystem without fallocate: there is nothing to reserve with.
+            reserved[region.name] = 1 << 62  # no fallocate here: nothing to reserve with
         finally:
             os.close(fd)
+
+
+def region_bytes(path: Path) -> int:
+    """Disk blocks the shared regions (`__db.0nn`) take now, reservations included."""
+    total = 0
+    for region in path.glob("__db.0[0-9][0-9]"):
+        with contextlib.suppress(FileNotFoundError):
+            total += os.stat(region).st_blocks * 512
+    return total
 
 
 def _open_db(path: Path, env: Any, *, create: bool) -> Any:
     handle = db.DB(env)
     try:
         handle.set_flags(db.DB_CHKSUM)
+        if create and not (path / DB_FILE).exists():
+            # Only a new file takes it; an existing one keeps the page size it was made with
+            # (Berkeley DB reads it from the file's meta page: tests/integration/test_footprint.py).
+            handle.set_pagesize(PAGE_SIZE)
         handle.open(
             DB_FILE, None, db.DB_BTREE, DB_OPEN_FLAGS | (db.DB_CREATE if create else 0), 0o600
         )
@@ -511,22 +646,26 @@ class Environment:
     ) -> None:
         self.path = path
         self.pid = os.getpid()
-        # Compared on every call instead of os.getpid() (a system call): forks bump it.
         self.generation = _fork_generation
         self.refs = 0
-        self.panicked = False
-        self.closed = False
+        # The one flag every call checks: False once closed, panicked or inherited across a
+        # fork (the child's registry hook clears it); `raise_unusable` then says which.
+        self.usable = True
+        self._panicked = False
+        self._closed = False
         self.stats = _Stats()
         # Atomic under the GIL: calls (and plain reads) started and finished, so that close()
         # can wait for those in flight before it closes the handles under them.
-        self._reads = itertools.count(1)
-        self._reads_done = itertools.count(1)
+        self.read_count = itertools.count(1)
+        self.read_done = itertools.count(1)
         self._calls = itertools.count(1)
         self._calls_done = itertools.count(1)
         self._checkpoint_interval = checkpoint_interval
-        self._free_checked_at = 0.0
+        # Free bytes at the last statvfs, and bytes written since (an estimate: threads add
+        # to it without a lock). Refreshed by the maintenance thread every tick.
         self._free_bytes = 0
         self._written = 0
+        self._reserved: dict[str, int] = {}
         _check_directory(path, create=create)
         if not create and not (path / DB_FILE).exists():
             raise SafeError(
@@ -571,86 +710,110 @@ class Environment:
             raise translate(path, "open", e) from e
         self._suspects: set[int] = set()
         self.panic_cause = ""
+        # Bound once: the durable put and the plain read are the hot paths.
+        self.db_get = self._db.get
+        self.db_put = self._db.put
+        st = os.statvfs(path)
+        self._free_bytes = st.f_bavail * st.f_frsize
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._maintain, name=f"pmnc.safe maintenance {path.name}", daemon=True
         )
         self._thread.start()
 
+    @property
+    def panicked(self) -> bool:
+        return self._panicked
+
+    @panicked.setter
+    def panicked(self, value: bool) -> None:
+        self._panicked = value
+        if value:
+            self.usable = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        self._closed = value
+        if value:
+            self.usable = False
+
     # -- the funnel ------------------------------------------------------------------------------
 
-    def call(
-        self, what: str, options: Options, body: Callable[..., T], *args: Any, **kwargs: Any
-    ) -> T:
+    def call(self, what: str, options: Options, body: Callable[..., T], *args: Any) -> T:
         """Run `body(*args)` (one whole transaction or one read) with retries, bounds and
         translation: the one funnel every Berkeley DB operation of a Safe goes through.
 
         Deadlocks and expired lock waits are retried with jittered exponential backoff until
         `options.timeout`; then SafeTimeoutError, raised from the last Berkeley DB error.
+        Calls are counted before the check and after the end, so that close() can wait for
+        those in flight.
         """
-        next(self._calls)  # counted before the check: close() waits for calls in flight
+        next(self._calls)
         try:
-            return self._call(what, options, body, *args, **kwargs)
+            if not self.usable:
+                self.raise_unusable(what)
+            started = time.perf_counter_ns()
+            attempt = 0
+            while True:
+                try:
+                    result = body(*args)
+                except _RETRYABLE as e:
+                    attempt += 1
+                    self._backoff(what, options, started, attempt, e)
+                    continue
+                except db.DBError as e:
+                    self.stats.error(what)
+                    if isinstance(e, db.DBRunRecoveryError):
+                        self.panicked = True
+                    raise translate(self.path, what, e) from e
+                self.stats.record(what, time.perf_counter_ns() - started, attempt)
+                return result
         finally:
             next(self._calls_done)
 
-    def _call(
-        self, what: str, options: Options, body: Callable[..., T], *args: Any, **kwargs: Any
-    ) -> T:
-        if self.closed or self.panicked or self.generation != _fork_generation:
-            self._raise_unusable(what)
-        started = time.perf_counter()
-        attempt = 0
-        while True:
-            try:
-                result = body(*args, **kwargs)
-            except _RETRYABLE as e:
-                attempt += 1
-                if time.perf_counter() - started >= options.timeout:
-                    self.stats.error(what)
-                    raise SafeTimeoutError(
-                        self.path,
-                        what,
-                        f"could not get the locks it needs within {options.timeout:g} s "
-                        f"({attempt} attempts); a process may have died holding them and the "
-                        "environment may need recovery",
-                        RECOVERY_TODO,
-                    ) from e
-                time.sleep(random.uniform(0, min(BACKOFF_MAX_S, 0.001 * 2 ** min(attempt, 10))))
-                if self.closed or self.panicked:
-                    self._raise_unusable(what)
-                continue
-            except db.DBError as e:
-                self.stats.error(what)
-                if isinstance(e, db.DBRunRecoveryError):
-                    self.panicked = True
-                raise translate(self.path, what, e) from e
-            self.stats.record(what, time.perf_counter() - started, attempt)
-            return result
+    def _backoff(
+        self, what: str, options: Options, started: int, attempt: int, e: BaseException
+    ) -> None:
+        """Sleep before retrying a deadlocked or expired attempt; SafeTimeoutError past the
+        deadline."""
+        if time.perf_counter_ns() - started >= options.timeout * 1e9:
+            self.stats.error(what)
+            raise SafeTimeoutError(
+                self.path,
+                what,
+                f"could not get the locks it needs within {options.timeout:g} s "
+                f"({attempt} attempts); a process may have died holding them and the "
+                "environment may need recovery",
+                RECOVERY_TODO,
+            ) from e
+        time.sleep(random.uniform(0, min(BACKOFF_MAX_S, 0.001 * 2 ** min(attempt, 10))))
+        if not self.usable:
+            self.raise_unusable(what)
 
     def read(self, what: str, options: Options, key: bytes) -> bytes | None:
-        """A plain read: the hot path, kept to one Berkeley DB call when nothing goes wrong.
-
-        Every read is counted (an itertools.count is atomic under the GIL); one in
-        READ_SAMPLE_EVERY is timed for the latency percentiles. A failed attempt is done again
-        through `call`, which retries, bounds and translates.
-        """
-        sample = next(self._reads) % READ_SAMPLE_EVERY == 0  # counted before the check: see close
+        """A plain read, counted (and one in READ_SAMPLE_EVERY timed) like Safe.get's inlined
+        copy of this path. A failed attempt is done again through `call`, which retries,
+        bounds and translates."""
+        n = next(self.read_count)  # counted before the check: see close
         try:
-            if self.closed or self.panicked or self.generation != _fork_generation:
-                self._raise_unusable(what)
-            if sample:
-                return self.call(what, options, self.get, key)
-            try:
-                value: bytes | None = self._db.get(key)
-            except db.DBError:
-                return self.call(what, options, self.get, key)
-            return value
+            if not self.usable:
+                self.raise_unusable(what)
+            if n & READ_SAMPLE_MASK:
+                try:
+                    value: bytes | None = self.db_get(key)
+                except db.DBError:
+                    return self.call(what, options, self.get, key)
+                return value
+            return self.call(what, options, self.get, key)
         finally:
-            next(self._reads_done)
+            next(self.read_done)
 
-    def _raise_unusable(self, what: str) -> None:
-        if self.generation != _fork_generation:
+    def raise_unusable(self, what: str) -> None:
+        if self.generation != _fork_generation or self.pid != os.getpid():
             raise SafeForkError(
                 self.path,
                 what,
@@ -666,6 +829,21 @@ class Environment:
                 f"the environment needs recovery ({self.panic_cause or 'it panicked earlier'})",
                 RECOVERY_TODO,
             )
+        raise SafeError(self.path, what, "the environment is not usable", RECOVERY_TODO)
+
+    def transaction(self, options: Options, body: Callable[[Environment, Any], T]) -> T:
+        """`body(self, txn)` in one transaction: aborted on any exception (BaseException
+        included), committed otherwise; `txn` without a generator-based context manager, which
+        costs a microsecond on every modify."""
+        txn = self._env.txn_begin(None, 0 if options.durable else db.DB_TXN_WRITE_NOSYNC)
+        try:
+            result = body(self, txn)
+        except BaseException:
+            with contextlib.suppress(db.DBError):
+                txn.abort()
+            raise
+        txn.commit()
+        return result
 
     @contextlib.contextmanager
     def txn(self, options: Options) -> Iterator[Any]:
@@ -685,23 +863,25 @@ class Environment:
         txn.commit()
 
     def check_space(self, what: str, options: Options, size: int) -> None:
-        """Refuse a write while free space is under the reserve (a growing region would SIGBUS).
+        """Refuse a write while free space is under the reserve (`options.min_free_space`).
 
-        statvfs is asked again every SPACE_CHECK_PERIOD_S, or sooner once the bytes written since
-        (`size` per write, counted twice: log and data page) could have eaten the margin.
+        Amortized: free space is read by the maintenance thread every tick; a write only adds
+        its size (counted twice: log and data page) to what was written since, and asks statvfs
+        itself (`_refresh_space`) when that estimate comes near the reserve or passes
+        WRITTEN_REFRESH bytes, which also extends the regions' reservation.
         """
-        if options.min_free_space <= 0:
-            return
-        now = time.monotonic()
-        margin = self._free_bytes - options.min_free_space
-        if now - self._free_checked_at > SPACE_CHECK_PERIOD_S or self._written * 2 > margin // 2:
-            try:
-                st = os.statvfs(self.path)
-            except OSError as e:
+        written = self._written + 2 * size
+        self._written = written
+        if self._free_bytes - written < options.min_free_space or written > WRITTEN_REFRESH:
+            self._refresh_space(what, options, size)
+
+    def _refresh_space(self, what: str, options: Options, size: int) -> None:
+        try:
+            self._refresh()
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
                 raise translate(self.path, what, e) from e
-            self._free_bytes = st.f_bavail * st.f_frsize
-            self._free_checked_at = now
-            self._written = 0
+            self._free_bytes = 0  # the regions could not be given room: refuse writes
         if self._free_bytes - 2 * size < options.min_free_space:
             self.stats.error(what)
             raise SafeNoSpaceError(
@@ -711,7 +891,13 @@ class Environment:
                 f"{options.min_free_space >> 20} MiB; nothing was written",
                 "free disk space: writes resume by themselves; reads go on meanwhile",
             )
-        self._written += size
+
+    def _refresh(self) -> None:
+        """Read free space and extend the regions' reservation (OSError: ENOSPC or other)."""
+        self._written = 0
+        st = os.statvfs(self.path)
+        self._free_bytes = st.f_bavail * st.f_frsize
+        _reserve_regions(self.path, self._env, self._reserved)
 
     # -- operations (raw bytes; the store encodes) -----------------------------------------------
 
@@ -726,7 +912,8 @@ class Environment:
 
     def put_one(self, options: Options, key: bytes, value: bytes) -> None:
         """One put as its own transaction: Berkeley DB's auto-commit when durable (one call,
-        the GIL released once), an explicit DB_TXN_WRITE_NOSYNC transaction otherwise."""
+        the GIL released once: Safe passes `db_put` itself to `call` then), an explicit
+        DB_TXN_WRITE_NOSYNC transaction otherwise."""
         if options.durable:
             self._db.put(key, value)
         else:
@@ -810,15 +997,15 @@ class Environment:
 
     def reads(self) -> int:
         """Plain reads so far (sampled ones included)."""
-        return _peek(self._reads) - 1
+        return _peek(self.read_count) - 1
 
     def in_flight(self) -> int:
         """Calls and plain reads started and not finished yet."""
         return (
             _peek(self._calls)
             - _peek(self._calls_done)
-            + _peek(self._reads)
-            - _peek(self._reads_done)
+            + _peek(self.read_count)
+            - _peek(self.read_done)
         )
 
     def info(self) -> dict[str, Any]:
@@ -834,6 +1021,11 @@ class Environment:
                 p.stat().st_size for p in self.path.glob("log.*") if p.name[4:].isdigit()
             ),
             "log_file": log_stat.get("cur_file", 0),
+            # The shared regions on disk (blocks, reservations included) and the cache's own
+            # size now and at most: what the safe costs besides its data and log.
+            "region_bytes": region_bytes(self.path),
+            "cache_bytes": mpool.get("regsize", 0),
+            "cache_max_bytes": mpool.get("regmax", 0),
         }
 
     # -- maintenance -----------------------------------------------------------------------------
@@ -852,6 +1044,7 @@ class Environment:
                 self._env.lock_detect(db.DB_LOCK_EXPIRE)
                 if self.panicked:
                     continue
+                self._maintain_space()
                 if time.monotonic() - last_forced >= self._checkpoint_interval:
                     self._env.txn_checkpoint(0, 0, 0)
                     last_forced = time.monotonic()
@@ -864,6 +1057,14 @@ class Environment:
                 return
             except db.DBError as e:
                 log.warning("%s: maintenance: %s", self.path, e)
+
+    def _maintain_space(self) -> None:
+        try:
+            self._refresh()
+        except OSError as e:
+            self._free_bytes = 0  # writes refused until a reservation succeeds again
+            if e.errno != errno.ENOSPC:
+                log.warning("%s: reserving room for the regions: %s", self.path, e)
 
     def _check_registrants(self) -> None:
         """Notice a registered process that died without closing: the environment needs recovery.
@@ -951,6 +1152,7 @@ class Environment:
 
     def forget_inherited(self) -> None:
         """In a forked child: never touch these handles again, not even to free them."""
+        self.usable = False
         _pin(self._env)
         _pin(self._db)
         self.refs = 0

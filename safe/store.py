@@ -6,6 +6,12 @@ with backoff until the deadline, error translation) -> one transaction or one pl
 before returning. So each call is atomic and, by default, durable when it returns; two calls are
 two transactions, and nothing spans them.
 
+The hot paths (`[]`, `get`, `[]=`) are written out in full rather than through helpers: each
+Python frame, lock or allocation per call shows against raw Berkeley DB (docs/footprint.md has
+the profile and the ratios). One flag says whether a call may proceed: the environment's
+`usable`, and a closed Safe holds a `_ClosedEnvironment` whose flag is always False, so "closed"
+is kept in one place and checked once.
+
 After diskcache, shelve and dbm.sqlite3: the five MutableMapping methods are implemented, and the
 inherited two-step `pop`, `setdefault`, `popitem`, `update` and `clear` are overridden where
 atomicity matters. No writeback cache, no `__del__` doing I/O.
@@ -14,6 +20,7 @@ atomicity matters. No writeback cache, no `__del__` doing I/O.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import pickle
 import threading
@@ -35,6 +42,8 @@ from .errors import SafeClosedError
 
 PICKLE_PROTOCOL = 5
 DEFAULT_MAX_VALUE_SIZE = 64 << 20
+# The cache's maximum: its region only grows (and reserves disk) as data is read or written,
+# so an idle or small safe pays little for it (docs/footprint.md).
 DEFAULT_CACHE_SIZE = 32 << 20
 DEFAULT_MIN_FREE_SPACE = 64 << 20
 # Records per cursor batch when iterating, and per transaction in `clear`: small enough that no
@@ -48,6 +57,7 @@ def _encode_key(key: object) -> bytes:
     if not isinstance(key, str):
         raise TypeError(f"safe keys are str, got {type(key).__name__}: {key!r}")
     # surrogatepass: any str is a valid key, lone surrogates included, and round-trips exactly.
+    # (The hot paths try the faster strict encode first: the same bytes when it succeeds.)
     return key.encode("utf-8", "surrogatepass")
 
 
@@ -56,6 +66,22 @@ def _decode_key(raw: bytes) -> str:
 
 
 _loads = pickle.loads
+_pickle = pickle.dumps
+_DBError = _env.DBError
+_SAMPLE_MASK = _env.READ_SAMPLE_MASK
+
+
+class _ClosedEnvironment(_env.Environment):
+    """What a closed Safe holds instead of its environment: never usable, and says why."""
+
+    def __init__(self, path: Path) -> None:  # no super().__init__: nothing is opened
+        self.path = path
+        self.usable = False
+        self.read_count = itertools.count(1)
+        self.read_done = itertools.count(1)
+
+    def raise_unusable(self, what: str) -> None:
+        raise SafeClosedError(self.path, what, "the safe is closed", "open it again")
 
 
 class Safe(MutableMapping[str, object]):
@@ -70,10 +96,12 @@ class Safe(MutableMapping[str, object]):
 
     def __init__(self, environment: _env.Environment, options: _env.Options, max_value_size: int):
         """Use `Safe.open`; this constructor takes an already acquired environment."""
-        self._environment = environment
+        self._env = environment
+        self._path = environment.path
         self._options = options
+        self._durable = options.durable
+        self._reserve = options.min_free_space  # 0: free space is not watched
         self._max_value_size = max_value_size
-        self._closed = False
         self._close_lock = threading.Lock()
 
     @classmethod
@@ -119,10 +147,10 @@ class Safe(MutableMapping[str, object]):
     @property
     def path(self) -> Path:
         """The safe's directory."""
-        return self._environment.path
+        return self._path
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "closed" if isinstance(self._env, _ClosedEnvironment) else "open"
         return f"<Safe {str(self.path)!r} {state}>"
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -135,10 +163,11 @@ class Safe(MutableMapping[str, object]):
         closed under it is a programming error (as with any handle).
         """
         with self._close_lock:  # two threads closing one Safe must release it once
-            if self._closed:
+            environment = self._env
+            if isinstance(environment, _ClosedEnvironment):
                 return
-            self._closed = True
-        _env.release(self._environment)
+            self._env = _ClosedEnvironment(self._path)
+        _env.release(environment)
 
     def __enter__(self) -> Safe:
         return self
@@ -154,23 +183,26 @@ class Safe(MutableMapping[str, object]):
     # -- the funnel ------------------------------------------------------------------------------
 
     def _environment_for(self, what: str) -> _env.Environment:
-        if self._closed:
-            raise SafeClosedError(self.path, what, "the safe is closed", "open it again")
-        return self._environment
+        environment = self._env
+        if not environment.usable:
+            environment.raise_unusable(what)
+        return environment
 
     def _dumps(self, value: object) -> bytes:
-        data = pickle.dumps(value, PICKLE_PROTOCOL)
+        data = _pickle(value, PICKLE_PROTOCOL)
         if len(data) > self._max_value_size:
-            raise ValueError(
-                f"{self.path}: value of {len(data)} bytes pickled exceeds max_value_size "
-                f"{self._max_value_size} bytes; nothing was stored"
-            )
+            self._too_big(len(data), "pickled ")
         return data
 
+    def _too_big(self, size: int, how: str = "") -> None:
+        raise ValueError(
+            f"{self.path}: value of {size} bytes {how}exceeds max_value_size "
+            f"{self._max_value_size} bytes; nothing was stored"
+        )
+
     def _read(self, what: str, key: bytes) -> bytes | None:
-        if self._closed:
-            raise SafeClosedError(self.path, what, "the safe is closed", "open it again")
-        return self._environment.read(what, self._options, key)
+        environment = self._env
+        return environment.read(what, self._options, key)
 
     def _write(self, what: str, body: Callable[[_env.Environment, Any], Any], size: int = 0) -> Any:
         """Run `body(environment, txn)` as one transaction, retried as a whole on conflict.
@@ -178,45 +210,96 @@ class Safe(MutableMapping[str, object]):
         `size` (bytes about to be written, when known) lets the free-space guard keep up.
         """
         environment = self._environment_for(what)
-        environment.check_space(what, self._options, size)
-
-        def transaction() -> Any:
-            with environment.txn(self._options) as txn:
-                return body(environment, txn)
-
-        return environment.call(what, self._options, transaction)
+        if self._reserve:
+            environment.check_space(what, self._options, size)
+        return environment.call(what, self._options, environment.transaction, self._options, body)
 
     # -- MutableMapping --------------------------------------------------------------------------
 
-    # The two reads below are the hottest path: _read is inlined (one call less per read).
+    # The three methods below are the hot paths, written out in full (see the module docstring).
+    # A read is counted before the usable check and after its end, so that close() can wait for
+    # reads in flight; one in READ_SAMPLE_EVERY goes through the funnel to be timed, and so does
+    # a read that failed (retried, bounded, translated there).
 
     def __getitem__(self, key: str) -> object:
-        if self._closed:
-            self._environment_for("get")
-        raw = self._environment.read("get", self._options, _encode_key(key))
+        environment = self._env
+        n = next(environment.read_count)
+        try:
+            if not environment.usable:
+                environment.raise_unusable("get")
+            if type(key) is str:
+                try:
+                    k = key.encode()
+                except UnicodeEncodeError:
+                    k = key.encode("utf-8", "surrogatepass")
+            else:
+                k = _encode_key(key)
+            if n & _SAMPLE_MASK:
+                try:
+                    raw = environment.db_get(k)
+                except _DBError:
+                    raw = environment.call("get", self._options, environment.get, k)
+            else:
+                raw = environment.call("get", self._options, environment.get, k)
+        finally:
+            next(environment.read_done)
         if raw is None:
             raise KeyError(key)
         return _loads(raw)
 
     def get(self, key: str, default: object = None) -> object:
-        if self._closed:
-            self._environment_for("get")
-        raw = self._environment.read("get", self._options, _encode_key(key))
+        environment = self._env
+        n = next(environment.read_count)
+        try:
+            if not environment.usable:
+                environment.raise_unusable("get")
+            if type(key) is str:
+                try:
+                    k = key.encode()
+                except UnicodeEncodeError:
+                    k = key.encode("utf-8", "surrogatepass")
+            else:
+                k = _encode_key(key)
+            if n & _SAMPLE_MASK:
+                try:
+                    raw = environment.db_get(k)
+                except _DBError:
+                    raw = environment.call("get", self._options, environment.get, k)
+            else:
+                raw = environment.call("get", self._options, environment.get, k)
+        finally:
+            next(environment.read_done)
         return default if raw is None else _loads(raw)
 
     def __contains__(self, key: object) -> bool:
         return self._read("contains", _encode_key(key)) is not None
 
     def __setitem__(self, key: str, value: object) -> None:
-        k, v = _encode_key(key), self._dumps(value)
-        environment = self._environment_for("set")
-        environment.check_space("set", self._options, len(k) + len(v))
-        environment.call("set", self._options, environment.put_one, self._options, k, v)
+        if type(key) is str:
+            try:
+                k = key.encode()
+            except UnicodeEncodeError:
+                k = key.encode("utf-8", "surrogatepass")
+        else:
+            k = _encode_key(key)
+        v = _pickle(value, PICKLE_PROTOCOL)
+        if len(v) > self._max_value_size:
+            self._too_big(len(v), "pickled ")
+        environment = self._env
+        if not environment.usable:
+            environment.raise_unusable("set")
+        if self._reserve:
+            environment.check_space("set", self._options, len(k) + len(v))
+        if self._durable:  # auto-commit: one libdb call, the GIL released once
+            environment.call("set", self._options, environment.db_put, k, v)
+        else:
+            environment.call("set", self._options, environment.put_one, self._options, k, v)
 
     def __delitem__(self, key: str) -> None:
         k = _encode_key(key)
         environment = self._environment_for("delete")
-        environment.check_space("delete", self._options, 0)
+        if self._reserve:
+            environment.check_space("delete", self._options, 0)
         if not environment.call("delete", self._options, environment.delete_one, self._options, k):
             raise KeyError(key)
 
@@ -388,13 +471,11 @@ class Safe(MutableMapping[str, object]):
         if not isinstance(data, bytes):
             raise TypeError(f"set_raw takes pickled bytes, got {type(data).__name__}")
         if len(data) > self._max_value_size:
-            raise ValueError(
-                f"{self.path}: value of {len(data)} bytes exceeds max_value_size "
-                f"{self._max_value_size} bytes; nothing was stored"
-            )
+            self._too_big(len(data))
         k = _encode_key(key)
         environment = self._environment_for("set")
-        environment.check_space("set", self._options, len(k) + len(data))
+        if self._reserve:
+            environment.check_space("set", self._options, len(k) + len(data))
         environment.call("set", self._options, environment.put_one, self._options, k, data)
 
     # -- maintenance -------------------------------------------------------------------------------
