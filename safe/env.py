@@ -396,8 +396,9 @@ def _environment(path: Path, what: str, **open_args: Any) -> Iterator[Any]:
 
 
 def _checkpoint_fully(env: Any) -> None:
-    """Checkpoint twice: log removal keeps everything back to the start of the previous
-    checkpoint, so the second one is what lets the log written before the first one go."""
+    """Checkpoint twice: log removal keeps the log from where the last checkpoint began, so
+    the second one also lets go of what was written while the first one ran (docs/berkeleydb.md,
+    "Checkpoints and log removal")."""
     env.txn_checkpoint(0, 0, db.DB_FORCE)
     env.txn_checkpoint(0, 0, db.DB_FORCE)
 
