@@ -23,14 +23,12 @@ round and the range.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +38,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pmnc.runtime.harness import (
+    TRANSPORT_ERRORS,
+    Client,
+    NodeProcess,
+    free_port,
+    percentile,
+    pmnc_runtime,
+    worker_pids,
+    write_config,
+)
 
 from bench import wrk
 from bench.hostile import raise_nofile
@@ -68,24 +77,6 @@ TITLES = {
 Progress = Callable[[str], None]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def runtime_command() -> list[str]:
-    """This environment's pmnc-runtime."""
-    exe = Path(sys.executable).with_name("pmnc-runtime")
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("pmnc-runtime")
-    if found:
-        return [found]
-    return [sys.executable, "-m", "pmnc.runtime.cli"]
-
-
 def versions() -> str:
     """wrk's and gunicorn's versions, as their own commands print them."""
     found = []
@@ -106,17 +97,9 @@ def gunicorn_command() -> list[str] | None:
     return [found] if found else None
 
 
-def call(conn: http.client.HTTPConnection, path: str, args: dict[str, Any]) -> object:
-    conn.request("POST", path, json.dumps(args).encode(), {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    payload = resp.read()
-    if resp.status != 200:
-        raise RuntimeError(f"{path}: HTTP {resp.status}: {payload[:200].decode(errors='replace')}")
-    return json.loads(payload)["result"]
-
-
 class Server:
-    """A server in its own session, logging to a file; `start` returns once it answers."""
+    """A server in its own session, logging to a file (a `harness.NodeProcess` running the
+    server's command); `start` returns once it answers."""
 
     label = "?"
 
@@ -126,7 +109,12 @@ class Server:
         self.threads = threads
         self.port = free_port()
         self.log_path = directory / "server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.node = NodeProcess(directory / "node.yaml", self.log_path, self.port)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        proc: subprocess.Popen[bytes] | None = self.node.proc
+        return proc
 
     def command(self) -> tuple[list[str], dict[str, str] | None]:
         raise NotImplementedError
@@ -134,61 +122,44 @@ class Server:
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         cmd, env = self.command()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=ROOT,
-                env=env,
-            )
+        self.node.start(command=cmd, env=env, cwd=ROOT, wait_ready=False)
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.label} exited with {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5.0)
+            if not self.node.alive():
+                code = self.proc.returncode if self.proc else None
+                raise RuntimeError(f"{self.label} exited with {code}:\n{self.log_tail()}")
+            client = Client(port=self.port, timeout=5.0)
             try:
-                call(conn, "/kv/get", {"key": "-"})
-            except (OSError, http.client.HTTPException, RuntimeError):
+                client.result("kv", "get", key="-")
+            except (*TRANSPORT_ERRORS, RuntimeError):
                 time.sleep(0.1)
                 continue
             finally:
-                conn.close()
+                client.close()
             return
         raise RuntimeError(f"{self.label} not ready in {READY_TIMEOUT:.0f} s:\n{self.log_tail()}")
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
+        text: str = self.node.text(0)
+        return text
 
     def log_tail(self, n: int = 15) -> str:
         return "\n".join(self.log().splitlines()[-n:])
 
     def stop(self) -> int | None:
         """SIGTERM the session, then SIGKILL it if it is still there; the exit status."""
-        if self.proc is None:
+        proc = self.proc
+        if proc is None:
             return None
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
-            return self.proc.wait(STOP_TIMEOUT)
+            return proc.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
             return None
         finally:
             # Workers left behind by a crashed master share its process group.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.node.kill_group()
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the master and its workers so far (every thread)."""
@@ -204,12 +175,7 @@ class Server:
     def worker_pids(self) -> set[int]:
         """The master's child processes (its workers), from /proc."""
         assert self.proc is not None
-        pids: set[int] = set()
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-                with contextlib.suppress(OSError):
-                    pids.update(int(p) for p in (task / "children").read_text().split())
-        return pids
+        return set(worker_pids(self.proc.pid))
 
 
 class PmncNode(Server):
@@ -223,18 +189,16 @@ class PmncNode(Server):
         self.runtime = runtime
 
     def command(self) -> tuple[list[str], dict[str, str] | None]:
-        config = self.directory / "node.yaml"
         # Only keys every pmnc-runtime knows: a baseline from an older commit must accept it.
-        config.write_text(
-            "node: bench\n"
-            "data_dir: var\n"
-            "cages:\n"
-            "  - name: bench\n"
-            f"    modules: {MODULES}\n"
-            f"    workers: {self.workers}\n"
-            f"    threads: {self.threads}\n"
-            f"    http: 127.0.0.1:{self.port}\n",
-            encoding="utf-8",
+        config = write_config(
+            self.node.config,
+            MODULES,
+            self.port,
+            node="bench",
+            cage="bench",
+            workers=self.workers,
+            threads=self.threads,
+            data_dir=self.directory / "var",
         )
         return [*self.runtime, "start", str(config)], None
 
@@ -284,14 +248,14 @@ def prefill(port: int, keys: int, connections: int = 8) -> None:
     errors: list[str] = []
 
     def put(part: range) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
+        client = Client(port=port, timeout=REQUEST_TIMEOUT)
         try:
             for i in part:
-                call(conn, "/kv/put", {"key": f"k{i}", "value": value(i)})
+                client.result("kv", "put", key=f"k{i}", value=value(i))
         except Exception as e:
             errors.append(f"{type(e).__name__}: {e}")
         finally:
-            conn.close()
+            client.close()
 
     threads = [
         threading.Thread(target=put, args=(range(n, keys, connections),))
@@ -307,17 +271,17 @@ def prefill(port: int, keys: int, connections: int = 8) -> None:
 
 def check(port: int, keys: int, tag: str) -> None:
     """One read and one write answer what the module says, before wrk trusts status codes."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
+    client = Client(port=port, timeout=REQUEST_TIMEOUT)
     try:
-        got = call(conn, "/kv/get", {"key": f"k{keys - 1}"})
+        got = client.result("kv", "get", key=f"k{keys - 1}")
         if got != value(keys - 1):
             raise RuntimeError(f"kv/get k{keys - 1} answered {got!r}")
         for expected in (1, 2):
-            got = call(conn, "/counter/increment", {"name": f"{tag}-check"})
+            got = client.result("counter", "increment", name=f"{tag}-check")
             if got != expected:
                 raise RuntimeError(f"counter/increment answered {got!r}, expected {expected}")
     finally:
-        conn.close()
+        client.close()
 
 
 @dataclass
@@ -533,7 +497,7 @@ def run(
 ) -> Part:
     """The rounds over every server, then the kills (pmnc only)."""
     part = Part(opts)
-    runtime = runtime or runtime_command()
+    runtime = runtime or pmnc_runtime()
     makers: list[tuple[str, Callable[[Path], Server]]] = [
         ("pmnc", lambda d: PmncNode(d, opts.workers, opts.threads, "pmnc", runtime)),
     ]
@@ -809,14 +773,14 @@ def kill_recovery(node: Server, kills: int, progress: Progress) -> KillResult:
         while time.monotonic() < deadline:
             now = node.worker_pids()
             if victim not in now and len(now) >= len(old):
-                conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=5.0)
+                client = Client(port=node.port, timeout=5.0, keep_alive=False)
                 try:
-                    call(conn, "/kv/put", {"key": f"recovery-{n}", "value": n})
-                except (OSError, http.client.HTTPException, RuntimeError):
+                    client.result("kv", "put", key=f"recovery-{n}", value=n)
+                except (*TRANSPORT_ERRORS, RuntimeError):
                     time.sleep(0.002)
                     continue
                 finally:
-                    conn.close()
+                    client.close()
                 took = time.monotonic() - t0
                 break
             time.sleep(0.002)
@@ -841,6 +805,6 @@ def summarize(values: list[float]) -> str:
     if not values:
         return "-"
     return (
-        f"p50 {statistics.median(values):.3f} s, max {max(values):.3f} s "
+        f"p50 {percentile(values, 50):.3f} s, max {max(values):.3f} s "
         f"(min {min(values):.3f} s, n={len(values)})"
     )

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from . import status
-from .config import CageConfig, ConfigError, NodeConfig, load_config
+from .config import CageConfig, NodeConfig, load_config_or_report
 
 __all__ = ["add_parser", "run"]
 
@@ -40,11 +40,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        for line in e.errors:
-            print(line, file=sys.stderr)
+    config = load_config_or_report(args.config)
+    if config is None:
         return 2
     documents = []
     for cage in config.cages:

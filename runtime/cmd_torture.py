@@ -17,6 +17,7 @@ supervisor logged it serving again (or, with `--whole-node`, after the restarted
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import re
@@ -30,10 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pmnc.safe import Safe, SafeError, verify
 
-from .config import ConfigError, NodeConfig, load_config
+from .config import HttpAddress, NodeConfig, dump_config, load_config_or_report
 from .harness import TRANSPORT_ERRORS, Client, NodeProcess, free_port, percentile
 
 __all__ = ["MODULE", "add_parser", "run"]
@@ -186,11 +186,8 @@ class _Load:
 
 def run(args: argparse.Namespace) -> int:
     """Torture the node of `args.config`; 0 when no acknowledged write was lost."""
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        for line in e.errors:
-            print(line, file=sys.stderr)
+    cfg = load_config_or_report(args.config)
+    if cfg is None:
         return EXIT_USAGE
     if not any(cage.http for cage in cfg.cages):
         print(f"{args.config}: no cage has an http interface to drive", file=sys.stderr)
@@ -217,10 +214,12 @@ def run(args: argparse.Namespace) -> int:
 def _scratch_config(
     cfg: NodeConfig, scratch: Path, *, in_place: bool
 ) -> tuple[Path, list[_Target]]:
-    """A copy of the config: modules copied with the probe added, data_dir and ports scratch."""
-    data_dir = cfg.data_dir if in_place else scratch / "var"
-    cages: list[dict[str, Any]] = []
-    targets: list[_Target] = []
+    """A copy of the config: modules copied with the probe added, data_dir and ports scratch.
+
+    Written by `config.dump_config`, so every node key carries over and the safe paths and the
+    address format stay `config.py`'s.
+    """
+    cages = []
     for cage in cfg.cages:
         modules = scratch / "modules" / cage.name
         shutil.copytree(cage.modules, modules, ignore=shutil.ignore_patterns("__pycache__"))
@@ -228,31 +227,20 @@ def _scratch_config(
         if probe.exists():
             raise ValueError(f"cage {cage.name} already has a module named {MODULE}")
         probe.write_text(_SOURCE)
-        entry: dict[str, Any] = {
-            "name": cage.name,
-            "modules": str(modules),
-            "workers": cage.workers,
-            "threads": cage.threads,
-        }
-        if cage.http is not None:
-            host = cage.http.host
-            port = cage.http.port if in_place else free_port(host)
-            entry["http"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            safe_dir = data_dir / "safe" / f"{cfg.node}.{cage.name}.{MODULE}"
-            targets.append(_Target(cage.name, host, port, safe_dir))
-        cages.append(entry)
-    document = {
-        "node": cfg.node,
-        "data_dir": str(data_dir),
-        "graceful_timeout": cfg.graceful_timeout,
-        "checkpoint_interval": cfg.checkpoint_interval,
-        "durable": cfg.durable,
-        "max_body": cfg.max_body,
-        "heartbeat_timeout": cfg.heartbeat_timeout,
-        "cages": cages,
-    }
+        http = cage.http
+        if http is not None and not in_place:
+            http = HttpAddress(http.host, free_port(http.host))
+        cages.append(dataclasses.replace(cage, modules=modules, http=http))
     config = scratch / "node.yaml"
-    config.write_text(yaml.safe_dump(document, sort_keys=False))
+    copy = dataclasses.replace(
+        cfg, file=config, data_dir=cfg.data_dir if in_place else scratch / "var", cages=tuple(cages)
+    )
+    config.write_text(dump_config(copy))
+    targets = [
+        _Target(cage.name, cage.http.host, cage.http.port, copy.safe_dir(cage.name, MODULE))
+        for cage in copy.cages
+        if cage.http is not None
+    ]
     return config, targets
 
 

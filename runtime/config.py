@@ -19,6 +19,7 @@ import math
 import os
 import re
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,9 @@ __all__ = [
     "HttpAddress",
     "NodeConfig",
     "check_ports",
+    "dump_config",
     "load_config",
+    "load_config_or_report",
     "locate",
 ]
 
@@ -419,6 +422,47 @@ def load_config(path: str | os.PathLike[str]) -> NodeConfig:
     if reader.errors or cfg is None:
         raise ConfigError(reader.errors)
     return cfg
+
+
+def load_config_or_report(path: str | os.PathLike[str]) -> NodeConfig | None:
+    """`load_config`, or None having printed every error to stderr, one per line (for the CLI's
+    subcommands, which then exit 2)."""
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return None
+
+
+def dump_config(cfg: NodeConfig) -> str:
+    """`cfg` as YAML that `load_config` reads back to an equal NodeConfig (paths absolute).
+
+    For tools that run a node on a changed copy of a config (`pmnc-runtime torture`: a scratch
+    data_dir, modules and ports): change it with `dataclasses.replace`, write it with this, and
+    the key names, the address format and the safe paths (`NodeConfig.safe_dir`) stay this
+    module's. Every key the loader knows is written, so a new node key is carried over as soon
+    as it is in `_NODE_KEYS` (tests/unit/test_config_dump.py round-trips every one).
+    """
+    document: dict[str, object] = {}
+    for key in _NODE_KEYS:
+        value = getattr(cfg, key)
+        if key == "cages":
+            value = [_cage_document(cage) for cage in cfg.cages]
+        elif isinstance(value, Path):
+            value = str(value)
+        document[key] = value
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def _cage_document(cage: CageConfig) -> dict[str, object]:
+    entry: dict[str, object] = {}
+    for key in _CAGE_KEYS:
+        value = getattr(cage, key)
+        if value is None:
+            continue  # an optional key left out (no http)
+        entry[key] = str(value) if isinstance(value, Path | HttpAddress) else value
+    return entry
 
 
 def _compose(label: str, data: bytes) -> tuple[yaml.SafeLoader, Node | None]:

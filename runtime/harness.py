@@ -1,8 +1,12 @@
-"""A real node as a child process, and a JSON client for it: for `torture` and the examples.
+"""The one harness that starts nodes and talks to them: for `torture`, the tests, the benchmark
+and the examples.
 
 Not a stable API. Everything here drives `pmnc-runtime start` from the outside, as a user would:
 the node runs in its own session (so its whole process tree can be signalled or killed as one
-group), its stderr goes to a file (never an undrained pipe), and every wait has a deadline.
+group), its output goes to a file (never an undrained pipe), and every wait has a deadline.
+What it has: `NodeProcess` (a node; `NodeProcess.one_cage` writes a one-cage config on a free
+port), `Client` (JSON over HTTP), `write_config`, `free_port`, `worker_pids`, `percentile`.
+`tests/helpers.py` only adapts these to assertions.
 """
 
 from __future__ import annotations
@@ -17,12 +21,23 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["Client", "NodeProcess", "free_port", "percentile", "pmnc_runtime"]
+__all__ = [
+    "TRANSPORT_ERRORS",
+    "Client",
+    "NodeProcess",
+    "free_port",
+    "group_alive",
+    "percentile",
+    "pmnc_runtime",
+    "wait_group_gone",
+    "worker_pids",
+    "write_config",
+]
 
 # What a request against a node that is being killed can raise: a reset or refused connection,
 # a half-sent response, or a body cut short.
@@ -60,6 +75,48 @@ def wait_group_gone(pgid: int, timeout: float) -> bool:
     return False
 
 
+def worker_pids(supervisor: int) -> list[int]:
+    """The direct children of process `supervisor` (a node's workers), from /proc; [] once it
+    is gone. Every thread's list, so that a multithreaded parent (gunicorn's) counts too."""
+    pids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in sorted(Path(f"/proc/{supervisor}/task").iterdir()):
+            with contextlib.suppress(OSError, ValueError):
+                pids += [int(p) for p in (task / "children").read_text().split()]
+    return sorted(set(pids))
+
+
+def write_config(
+    path: Path,
+    modules: Path,
+    port: int | None,
+    *,
+    node: str = "test",
+    cage: str = "demo",
+    workers: int = 2,
+    threads: int = 4,
+    data_dir: Path | None = None,
+    **options: object,
+) -> Path:
+    """A one-cage node config at `path` (data in `data_dir`, default `var` beside it) serving
+    `modules` on 127.0.0.1:`port` (None: no http); `options` are node-level keys
+    (graceful_timeout, max_body, ...). Only keys every pmnc-runtime knows unless `options` add
+    some, so that the benchmark's baseline from an older commit reads it too."""
+    lines = [f"node: {node}", f"data_dir: {data_dir or path.parent / 'var'}"]
+    lines += [f"{key}: {json.dumps(value)}" for key, value in options.items()]
+    lines += [
+        "cages:",
+        f"  - name: {cage}",
+        f"    modules: {modules}",
+        f"    workers: {workers}",
+        f"    threads: {threads}",
+    ]
+    if port is not None:
+        lines.append(f"    http: 127.0.0.1:{port}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def pmnc_runtime() -> list[str]:
     """The command line of `pmnc-runtime` for this interpreter (the script, or the module)."""
     script = Path(sys.executable).parent / "pmnc-runtime"
@@ -67,7 +124,12 @@ def pmnc_runtime() -> list[str]:
 
 
 def percentile(values: Sequence[float], p: float) -> float:
-    """The nearest-rank percentile `p` (0..100) of `values`; 0.0 for none."""
+    """The nearest-rank percentile `p` (0..100) of `values`; 0.0 for none.
+
+    The one percentile of the tests, torture, the examples and the benchmark's own timings
+    (wrk's and the histogram's are computed by them from their buckets), so that "p50" means
+    the same everywhere: a value that was measured, never an interpolation.
+    """
     if not values:
         return 0.0
     ordered = sorted(values)
@@ -76,16 +138,29 @@ def percentile(values: Sequence[float], p: float) -> float:
 
 
 class NodeProcess:
-    """`pmnc-runtime start CONFIG` in its own session, logging to `log`.
+    """`pmnc-runtime start CONFIG` in its own session, logging to `log`; `port` is where its
+    (first) cage serves, when the caller knows it.
 
     A context manager: leaving it SIGKILLs whatever is left of the process group.
     """
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, port: int = 0) -> None:
         self.config = config
         self.log = log
+        self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
         self.mark = 0
+        self.took = 0.0  # seconds the last start took until "ready"
+
+    @classmethod
+    def one_cage(
+        cls, directory: Path, modules: Path, *, name: str = "node", **config: Any
+    ) -> NodeProcess:
+        """A node of one cage serving `modules` on a free port, its config `<name>.yaml` and its
+        log `<name>.log` in `directory` (see `write_config` for `config`)."""
+        port = free_port()
+        path = write_config(directory / f"{name}.yaml", modules, port, **config)
+        return cls(path, directory / f"{name}.log", port)
 
     def __enter__(self) -> NodeProcess:
         return self
@@ -104,20 +179,36 @@ class NodeProcess:
             raise RuntimeError("the node was not started")
         return self.proc.pid
 
-    def start(self, *, timeout: float = 30.0) -> float:
-        """Start the node and wait for its "ready" line; the seconds that took."""
+    def start(
+        self,
+        *,
+        timeout: float = 30.0,
+        wait_ready: bool = True,
+        command: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> NodeProcess:
+        """Start the node and (unless `wait_ready` is false) wait for its "ready" line; `took`
+        is then the seconds that took. `command` replaces `pmnc-runtime start CONFIG` (the
+        benchmark runs gunicorn, an older pmnc-runtime, under the same management)."""
         started = time.monotonic()
         self.mark = self.log_size()
+        sys.stdout.flush()
+        sys.stderr.flush()
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(
-                [*pmnc_runtime(), "start", str(self.config)],
+                list(command) or [*pmnc_runtime(), "start", str(self.config)],
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,
                 start_new_session=True,
+                env=None if env is None else dict(env),
+                cwd=cwd,
             )
-        self.wait_log(" ready: ", timeout)
-        return time.monotonic() - started
+        if wait_ready:
+            self.wait_log(" ready: ", timeout)
+        self.took = time.monotonic() - started
+        return self
 
     def log_size(self) -> int:
         try:
@@ -153,25 +244,39 @@ class NodeProcess:
 
     def workers(self) -> list[int]:
         """The supervisor's direct children (its workers), from /proc."""
-        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
-        with contextlib.suppress(OSError, ValueError):
-            return [int(p) for p in children.read_text().split()]
-        return []
+        return worker_pids(self.pid)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM (a graceful stop) and the exit status; the group is SIGKILLed past `timeout`."""
+    def signal(self, signum: int) -> None:
+        """Send `signum` to the supervisor alone."""
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout: float) -> int:
+        """The supervisor's exit status; RuntimeError (the log's tail in it) past `timeout`."""
         if self.proc is None:
-            return 0
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
+            raise RuntimeError("the node was not started")
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            raise RuntimeError(
+                f"the node still runs after {timeout:g} s; its log: {self.log}\n"
+                f"{self.text()[-3000:]}"
+            ) from None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (a graceful stop) and the exit status; the group is SIGKILLed past `timeout`
+        (then RuntimeError)."""
+        if self.proc is None:
+            return 0
+        with contextlib.suppress(ProcessLookupError):
+            self.signal(signal.SIGTERM)
+        try:
+            return self.wait(timeout)
+        except RuntimeError:
             self.kill_group()
-            raise RuntimeError(f"the node did not stop within {timeout:g} s") from None
+            raise
 
     def kill_group(self, timeout: float = 10.0) -> None:
         """SIGKILL the whole process tree and wait (bounded) until none of it is left."""
@@ -199,7 +304,12 @@ class Client:
     """
 
     def __init__(
-        self, host: str, port: int, *, timeout: float = 10.0, keep_alive: bool = True
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        timeout: float = 10.0,
+        keep_alive: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -207,28 +317,41 @@ class Client:
         self.keep_alive = keep_alive
         self.conn: http.client.HTTPConnection | None = None
 
-    def call(self, module: str, function: str, **kwargs: Any) -> tuple[int, Any]:
-        """(status, decoded JSON body); transport errors (see TRANSPORT_ERRORS) propagate."""
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, bytes]:
+        """(status, raw body) of one request; transport errors (TRANSPORT_ERRORS) propagate,
+        and the connection is dropped after them or when the server closes it."""
         if self.conn is None:
             self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        sent = {"Connection": "keep-alive" if self.keep_alive else "close", **(headers or {})}
         try:
-            self.conn.request(
-                "POST",
-                f"/{module}/{function}",
-                body=json.dumps(kwargs).encode(),
-                headers={
-                    "Content-Type": "application/json",
-                    "Connection": "keep-alive" if self.keep_alive else "close",
-                },
-            )
+            self.conn.request(method, path, body=body, headers=sent)
             response = self.conn.getresponse()
-            body = json.loads(response.read())
+            data = response.read()
         except BaseException:
             self.close()
             raise
         if response.will_close:
             self.close()
-        return response.status, body
+        return response.status, data
+
+    def raw(
+        self, path: str, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, Any]:
+        """(status, decoded JSON answer) of a POST of `body` as it is (it may be malformed)."""
+        status, data = self.request(
+            "POST", path, body, {"Content-Type": "application/json", **(headers or {})}
+        )
+        return status, json.loads(data)
+
+    def call(self, module: str, function: str, **kwargs: Any) -> tuple[int, Any]:
+        """(status, decoded JSON body) of `POST /module/function` with `kwargs` as the body."""
+        return self.raw(f"/{module}/{function}", json.dumps(kwargs).encode())
 
     def result(self, module: str, function: str, **kwargs: Any) -> Any:
         """The result of a call that must answer 200 (RuntimeError otherwise)."""

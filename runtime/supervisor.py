@@ -61,7 +61,7 @@ import multiprocess
 import multiprocess.process
 from pmnc.safe import SafeError, prepare
 
-from . import logs, metrics, status, worker
+from . import logs, metrics, policy, status, worker
 from .balance import ABSENT, Balance
 from .config import CageConfig, ConfigError, HttpAddress, NodeConfig, load_config
 from .logs import logger
@@ -71,11 +71,6 @@ __all__ = ["EXIT_FAILED", "Supervisor", "bind"]
 EXIT_FAILED = 3  # an operational failure: a worker cannot boot, a safe cannot be prepared
 EXIT_INTERRUPTED = 130  # a second SIGINT: stopped at once
 CLOSE_GRACE = 5.0  # beyond graceful_timeout, for a worker to close its safes
-RELOAD_RETRIES = 3  # a reload cut short by a crash is started again this many times in a row
-STABLE_AFTER = 1.0  # a cage fully up this long has stopped "dying": its backoff starts over
-BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 5.0  # short enough that a burst of outside kills (OOM) is not a long outage
-TICK = 0.5  # longest sleep of the loop, for deadlines nothing else wakes it for
 
 
 def bind(address: HttpAddress) -> socket.socket:
@@ -107,10 +102,7 @@ class _Cage:
     listener: socket.socket | None
     run_dir: Path  # where its live status reports go
     balance: Balance  # connections per worker slot, shared with its workers (balance.py)
-    failures: int = 0  # crashes in a row, for the backoff
-    restart_at: float | None = None  # when to fork the missing workers
-    down_since: float | None = None  # the crash the cage is recovering from
-    up_since: float | None = None  # since when every worker is ready
+    health: policy.CageHealth = field(default_factory=policy.CageHealth)  # restarts, up/down
 
     @property
     def name(self) -> str:
@@ -118,7 +110,9 @@ class _Cage:
 
 
 @dataclass(eq=False)
-class _Worker:
+class _Child:
+    """The supervisor's record of one forked worker process (`worker.py` is what runs in it)."""
+
     pid: int
     cage: _Cage
     process: Any  # multiprocess.Process, kept for its descriptors' lifetime
@@ -147,26 +141,6 @@ def _clear_reports(directory: Path) -> None:
             path.unlink()
 
 
-def _describe_exit(code: int, kill_reason: str | None) -> str:
-    """Why a worker ended, for the log."""
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        if kill_reason:
-            return f"killed by {name} ({kill_reason})"
-        hint = ": out of memory?" if -code == signal.SIGKILL else ""
-        return f"killed by {name}{hint}"
-    if code == 0:
-        return "exited cleanly"
-    if code == worker.EXIT_BOOT_FAILED:
-        return "could not boot"
-    if code == worker.EXIT_NEEDS_RECOVERY:
-        return "exited leaving a safe to recover"
-    return f"exited with status {code}"
-
-
 class Supervisor:
     """Runs a node until it is stopped; `run()` returns the process's exit status."""
 
@@ -174,7 +148,7 @@ class Supervisor:
         self.config = config
         self._ctx = multiprocess.get_context("fork")
         self._cages: dict[str, _Cage] = {}
-        self._workers: dict[int, _Worker] = {}
+        self._workers: dict[int, _Child] = {}
         self._signals: SimpleQueue[int] = SimpleQueue()
         self._sig_r, self._sig_w = -1, -1
         self._stopping = False
@@ -319,13 +293,13 @@ class Supervisor:
     def _timeout(self) -> float:
         """Sleep until the next deadline the loop must act on, TICK at most."""
         now = time.monotonic()
-        due = [c.restart_at for c in self._cages.values() if c.restart_at is not None]
-        due += [w.stop_deadline for w in self._workers.values() if w.stop_deadline is not None]
-        return max(0.0, min([TICK, *(d - now for d in due)]))
+        due = [c.health.restart_at for c in self._cages.values()]
+        due += [w.stop_deadline for w in self._workers.values()]
+        return policy.sleep_for(now, (d for d in due if d is not None))
 
     # -- messages from workers ----------------------------------------------------------------
 
-    def _read_reports(self, w: _Worker) -> None:
+    def _read_reports(self, w: _Child) -> None:
         try:
             data = os.read(w.report_fd, 65536)
         except BlockingIOError:
@@ -347,14 +321,14 @@ class Supervisor:
     def _reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return  # ECHILD: no child left
             if pid == 0:
                 return
-            self._on_exit(pid, os.waitstatus_to_exitcode(status))
+            self._on_exit(pid, os.waitstatus_to_exitcode(wait_status))
 
-    def _forget(self, w: _Worker) -> None:
+    def _forget(self, w: _Child) -> None:
         self._workers.pop(w.pid, None)
         if not any(o.cage is w.cage and o.slot == w.slot for o in self._workers.values()):
             w.cage.balance.set(w.slot, ABSENT)  # no longer the least loaded: others accept
@@ -385,26 +359,26 @@ class Supervisor:
             return  # not ours (already handled during a cage restart)
         self._forget(w)
         cage = w.cage
-        why = _describe_exit(code, w.kill_reason)
-        if code == 0:
-            if w.stop_deadline is not None:
-                logger.info("cage %s: worker %d stopped", cage.name, pid)
-            else:
-                logger.warning("cage %s: worker %d exited unasked: replacing it", cage.name, pid)
-                self._schedule(cage, 0.0)
-            return
-        if code == worker.EXIT_BOOT_FAILED:
+        what = policy.classify_exit(code, asked_to_stop=w.stop_deadline is not None)
+        if what is policy.Exit.STOPPED:
+            logger.info("cage %s: worker %d stopped", cage.name, pid)
+        elif what is policy.Exit.REPLACE:
+            logger.warning("cage %s: worker %d exited unasked: replacing it", cage.name, pid)
+            self._schedule(cage, 0.0)
+        elif what is policy.Exit.BOOT_FAILED:
             self._on_boot_failure(w)
-            return
-        self._crash(cage, f"worker {pid} {why}")
+        else:
+            self._crash(cage, f"worker {pid} {policy.describe_exit(code, w.kill_reason)}")
 
-    def _on_boot_failure(self, w: _Worker) -> None:
+    def _on_boot_failure(self, w: _Child) -> None:
         reason = w.boot_error or "see the worker's log above"
-        if self._cages.get(w.cage.name) is not w.cage and (
-            self._reload is None or w.cage not in self._reload.cages.values()
-        ):
+        action = policy.on_boot_failure(
+            current=self._cages.get(w.cage.name) is w.cage,
+            reloading=self._reload is not None and w.cage in self._reload.cages.values(),
+        )
+        if action is policy.BootFailure.IGNORE:
             return  # a generation already given up (a refused reload): nothing more to do
-        if self._reload is not None and w.cage in self._reload.cages.values():
+        if action is policy.BootFailure.REFUSE_RELOAD:
             logger.error(
                 "reload refused: cage %s: worker %d could not boot: %s", w.cage.name, w.pid, reason
             )
@@ -459,7 +433,7 @@ class Supervisor:
         )
         if self._reload is not None and cage.name in self._reload.cages:
             self._abort_reload()
-            if self._reload_retries < RELOAD_RETRIES:
+            if policy.retry_reload(self._reload_retries):
                 # The crash was handled (killed, recovered); the reload the operator asked for
                 # is started again rather than silently dropped.
                 self._reload_retries += 1
@@ -471,24 +445,17 @@ class Supervisor:
                 logger.error(
                     "reload abandoned: cage %s crashed meanwhile, %d times: send SIGHUP again",
                     cage.name,
-                    RELOAD_RETRIES + 1,
+                    policy.RELOAD_RETRIES + 1,
                 )
         current = self._cages.get(cage.name)
         if self._stopping or current is None:
             return
-        now = time.monotonic()
-        stable = current.up_since is not None and now - current.up_since >= STABLE_AFTER
-        current.failures = 1 if stable else current.failures + 1
-        current.up_since = None
-        if current.down_since is None:
-            current.down_since = started
-        delay = 0.0
-        if current.failures > 1:
-            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (current.failures - 2))
+        delay = current.health.crashed(time.monotonic(), started)
+        if current.health.failures > 1:
             logger.warning(
                 "cage %s keeps dying (%d crashes in a row): next start in %.1f s",
                 cage.name,
-                current.failures,
+                current.health.failures,
                 delay,
             )
         self._schedule(current, delay)
@@ -501,15 +468,13 @@ class Supervisor:
     # -- starting workers ---------------------------------------------------------------------
 
     def _schedule(self, cage: _Cage, delay: float) -> None:
-        at = time.monotonic() + delay
-        cage.restart_at = at if cage.restart_at is None else min(cage.restart_at, at)
+        cage.health.schedule(time.monotonic() + delay)
 
     def _start_due(self, now: float) -> None:
         if self._stopping:
             return
         for cage in self._cages.values():
-            if cage.restart_at is not None and cage.restart_at <= now:
-                cage.restart_at = None
+            if cage.health.take_due(now):
                 self._fill(cage)
 
     def _fill(self, cage: _Cage) -> None:
@@ -517,8 +482,7 @@ class Supervisor:
         taken = {
             w.slot for w in self._workers.values() if w.cage is cage and w.stop_deadline is None
         }
-        free = [slot for slot in range(cage.config.workers) if slot not in taken]
-        for slot in free[: max(0, cage.config.workers - len(taken))]:
+        for slot in policy.free_slots(cage.config.workers, taken):
             self._spawn(cage, slot)
 
     def _spawn(self, cage: _Cage, slot: int) -> None:
@@ -558,9 +522,14 @@ class Supervisor:
         finally:
             os.close(report_w)
         # The supervisor reaps with waitpid(-1): multiprocess must not poll (and so reap) this
-        # child behind its back, which it does for every known child on each start().
+        # child behind its back, which Process.start() does for every child in the private set
+        # `_children` (its `_cleanup()`); a child it reaped would never reach _on_exit, so its
+        # crash would go unhandled. Private on purpose: neither multiprocess nor multiprocessing
+        # has a public "someone else reaps this child"; the crash tests fail if this stops
+        # working (tests/integration/test_runtime_crash.py), and an AttributeError at the first
+        # fork says so if the attribute is renamed.
         multiprocess.process._children.discard(process)
-        self._workers[process.pid] = _Worker(
+        self._workers[process.pid] = _Child(
             process.pid, cage, process, report_r, time.monotonic(), slot, time.time()
         )
         self._status_dirty = True
@@ -629,18 +598,20 @@ class Supervisor:
     # -- liveness and readiness ---------------------------------------------------------------
 
     def _check_liveness(self, now: float) -> None:
-        timeout = self.config.heartbeat_timeout
         for w in list(self._workers.values()):
             if w.kill_reason is not None:
                 continue
-            if w.stop_deadline is not None:
-                if now > w.stop_deadline:
-                    self._kill(w, "still running at the stop deadline")
-            elif now - w.last_beat > timeout:
-                state = "serving" if w.ready else "booting"
-                self._kill(w, f"{state} but silent for {now - w.last_beat:.1f} s: hung")
+            reason = policy.kill_reason(
+                now,
+                last_beat=w.last_beat,
+                ready=w.ready,
+                stop_deadline=w.stop_deadline,
+                heartbeat_timeout=self.config.heartbeat_timeout,
+            )
+            if reason is not None:
+                self._kill(w, reason)
 
-    def _kill(self, w: _Worker, reason: str) -> None:
+    def _kill(self, w: _Child, reason: str) -> None:
         logger.error("cage %s: worker %d %s: killing it", w.cage.name, w.pid, reason)
         w.kill_reason = reason
         with contextlib.suppress(ProcessLookupError):
@@ -653,16 +624,10 @@ class Supervisor:
                 for w in self._workers.values()
                 if w.cage is cage and w.ready and w.stop_deadline is None
             ]
-            if len(ready) >= cage.config.workers and cage.up_since is None:
-                cage.up_since = now
-                if cage.down_since is not None:
-                    logger.warning(
-                        "cage %s: serving again, %.3f s after the crash",
-                        cage.name,
-                        now - cage.down_since,
-                    )
-                    cage.down_since = None
-        if not self._announced and all(c.up_since is not None for c in self._cages.values()):
+            down = cage.health.observe(now, len(ready), cage.config.workers)
+            if down is not None:
+                logger.warning("cage %s: serving again, %.3f s after the crash", cage.name, down)
+        if not self._announced and all(c.health.up for c in self._cages.values()):
             self._announced = True
             logger.info("ready: %s", self._describe_cages(self._cages.values()))
         reload = self._reload
@@ -731,7 +696,7 @@ class Supervisor:
             if cage.listener is not None and cage.listener not in kept:
                 cage.listener.close()
         for cage in reload.cages.values():
-            cage.up_since = time.monotonic()
+            cage.health.up_since = time.monotonic()
         self.config = reload.config
         self._cages = reload.cages
         self._status_dirty = True
@@ -749,7 +714,7 @@ class Supervisor:
 
     # -- stopping -----------------------------------------------------------------------------
 
-    def _retire(self, w: _Worker) -> None:
+    def _retire(self, w: _Child) -> None:
         """Ask a worker to stop gracefully; it is killed if still there at the deadline."""
         if w.stop_deadline is not None or w.kill_reason is not None:
             return
@@ -763,7 +728,7 @@ class Supervisor:
             self._exit_code = code
         self._abort_reload()
         for cage in self._cages.values():
-            cage.restart_at = None
+            cage.health.cancel()
         for w in list(self._workers.values()):
             self._retire(w)
 

@@ -26,3 +26,16 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     yield make
     for node in nodes:
         node.kill_group()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say loudly, in the run's summary, that the disk-full tests were skipped: a run without
+    root passes without them (tests/stress/test_disk_full.py)."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "test_disk_full" in r.nodeid]
+    if skipped:
+        terminalreporter.write_line(
+            f"WARNING: {len(skipped)} disk-full test(s) skipped: they need root to mount a "
+            "tmpfs; disk full was NOT tested on this run",
+            yellow=True,
+            bold=True,
+        )

@@ -1,24 +1,22 @@
-"""Shared helpers for the integration tests: a real `pmnc-runtime start` and a small HTTP client.
+"""Test-side helpers over `pmnc.runtime.harness`, the one harness that starts nodes and talks to
+them (torture, the benchmark and the examples use it too).
 
-The node runs in its own session (so a test can signal or kill its whole process group), with
-stdout and stderr going to files (never an undrained pipe), and every wait is bounded.
+What is here only adapts it to the tests: `Node(config, port, log)` and `Client(port)` keep the
+tests' short signatures and fail a test with an assertion; the rest are waits and loads that
+several tests share. Every wait is bounded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.client
-import json
-import os
-import signal
-import subprocess
 import textwrap
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from pmnc.runtime.harness import free_port, group_alive, pmnc_runtime, wait_group_gone
+from pmnc.runtime import harness
+from pmnc.runtime.harness import free_port, pmnc_runtime, worker_pids, write_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "modules"
 
@@ -50,145 +48,31 @@ def write_modules(directory: Path, modules: dict[str, str]) -> Path:
     return directory
 
 
-def write_config(
-    path: Path, modules: Path, port: int, *, workers: int = 2, threads: int = 4, **options: Any
-) -> Path:
-    """A one-cage node config; `options` are top-level keys (graceful_timeout, max_body...)."""
-    lines = ["node: test", f"data_dir: {path.parent / 'var'}"]
-    lines += [f"{k}: {json.dumps(v)}" for k, v in options.items()]
-    lines += [
-        "cages:",
-        "  - name: demo",
-        f"    modules: {modules}",
-        f"    workers: {workers}",
-        f"    threads: {threads}",
-        f"    http: 127.0.0.1:{port}",
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-class Node:
-    """A running `pmnc-runtime start CONFIG`, its log, and bounded ways to end it."""
+class Node(harness.NodeProcess):
+    """A `pmnc-runtime start CONFIG` serving on `port`, logging to `log` (harness.NodeProcess)."""
 
     def __init__(self, config: Path, port: int, log: Path) -> None:
-        self.config = config
-        self.port = port
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(config, log, port)
 
-    def start(self, *, wait_ready: bool = True, timeout: float = 20.0) -> Node:
-        self.mark = self.log_size()
-        with open(self.log, "ab") as err, open(self.log.with_suffix(".out"), "ab") as out:
-            self.proc = subprocess.Popen(
-                [*cli(), "start", str(self.config)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-            )
-        if wait_ready:
-            self.wait_log(" ready: ", timeout)
+    def start(self, *, timeout: float = 20.0, **kwargs: Any) -> Node:
+        super().start(timeout=timeout, **kwargs)
         return self
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def log_size(self) -> int:
-        return self.log.stat().st_size if self.log.exists() else 0
-
-    def text(self, since: int | None = None) -> str:
-        start = self.mark if since is None else since
-        data = self.log.read_bytes() if self.log.exists() else b""
-        return data[start:].decode(errors="replace")
-
-    def wait_log(self, needle: str, timeout: float, since: int | None = None) -> str:
-        """Wait until the log (from `since`, default this start) contains `needle`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.text(since)
-            if needle in text:
-                return text
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(
-                    f"node exited ({self.proc.returncode}) before {needle!r}:\n{text}"
-                )
-            time.sleep(0.02)
-        raise AssertionError(f"no {needle!r} in the log within {timeout} s:\n{self.text(since)}")
-
-    def signal(self, signum: int) -> None:
-        os.kill(self.pid, signum)
-
-    def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"node still running after {timeout} s:\n{self.text()}") from None
-
     def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM and wait for the exit status."""
-        self.signal(signal.SIGTERM)
-        return self.wait(timeout)
-
-    def group_alive(self) -> bool:
-        return group_alive(self.pid)
-
-    def wait_group_gone(self, timeout: float) -> bool:
-        return wait_group_gone(self.pid, timeout)
-
-    def kill_group(self) -> None:
-        """Teardown: SIGKILL the whole group, bounded wait for the supervisor."""
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-        self.wait_group_gone(5)
+        return super().stop(timeout)
 
 
-class Client:
-    """A keep-alive JSON client for `POST /module/function`; reconnects when closed."""
+class Client(harness.Client):
+    """A keep-alive JSON client of 127.0.0.1:`port` whose `result` asserts a 200."""
 
     def __init__(self, port: int, *, timeout: float = 15.0, keep_alive: bool = True) -> None:
-        self.port = port
-        self.timeout = timeout
-        self.keep_alive = keep_alive
-        self.conn: http.client.HTTPConnection | None = None
-
-    def raw(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        if self.conn is None:
-            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
-        hdrs = {"Content-Type": "application/json", **(headers or {})}
-        if not self.keep_alive:
-            hdrs["Connection"] = "close"
-        try:
-            self.conn.request("POST", path, body=body, headers=hdrs)
-            response = self.conn.getresponse()
-            data = response.read()
-        except BaseException:
-            self.close()
-            raise
-        if response.will_close:
-            self.close()
-        return response.status, json.loads(data)
-
-    def call(self, module: str, function: str, **kwargs: Any) -> tuple[int, Any]:
-        return self.raw(f"/{module}/{function}", json.dumps(kwargs).encode())
+        super().__init__("127.0.0.1", port, timeout=timeout, keep_alive=keep_alive)
 
     def result(self, module: str, function: str, **kwargs: Any) -> Any:
         """The result of a call that must succeed."""
         status, answer = self.call(module, function, **kwargs)
         assert status == 200, (status, answer)
         return answer["result"]
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
 
 
 def wait_serving(port: int, timeout: float) -> float:
@@ -200,7 +84,7 @@ def wait_serving(port: int, timeout: float) -> float:
         try:
             if client.call("counter", "get")[0] == 200:
                 return time.monotonic() - start
-        except (OSError, http.client.HTTPException, ValueError):
+        except harness.TRANSPORT_ERRORS:
             pass
         finally:
             client.close()
@@ -237,14 +121,6 @@ def wait_gone(pids: list[int], supervisor: int, timeout: float) -> bool:
             return True
         time.sleep(0.01)
     return False
-
-
-def worker_pids(supervisor: int) -> list[int]:
-    """The supervisor's direct children, from /proc."""
-    children = Path(f"/proc/{supervisor}/task/{supervisor}/children")
-    with contextlib.suppress(OSError):
-        return [int(p) for p in children.read_text().split()]
-    return []
 
 
 def once(port: int, module: str, function: str, **kwargs: Any) -> Any:

@@ -25,7 +25,7 @@ import time
 from multiprocessing.queues import Queue
 from pathlib import Path
 
-from pmnc.runtime.harness import TRANSPORT_ERRORS, Client, NodeProcess, free_port
+from pmnc.runtime.harness import TRANSPORT_ERRORS, Client, NodeProcess
 
 HERE = Path(__file__).resolve().parent
 WORKERS, THREADS = 4, 8
@@ -64,45 +64,41 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=4, help="threads per client process")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="pmnc-counter-") as tmp:
-        port = free_port()
-        config = Path(tmp) / "node.yaml"
-        config.write_text(
-            f"node: counter\ndata_dir: {tmp}/var\ncages:\n  - name: demo\n"
-            f"    modules: {HERE / 'modules'}\n    workers: {WORKERS}\n    threads: {THREADS}\n"
-            f"    http: 127.0.0.1:{port}\n"
+    with (
+        tempfile.TemporaryDirectory(prefix="pmnc-counter-") as tmp,
+        NodeProcess.one_cage(
+            Path(tmp), HERE / "modules", node="counter", workers=WORKERS, threads=THREADS
+        ) as node,
+    ):
+        node.start()
+        port = node.port
+        print(
+            f"node: {WORKERS} workers x {THREADS} threads; clients: {args.clients} processes "
+            f"x {args.threads} threads, {args.seconds:g} s",
+            flush=True,
         )
-        with NodeProcess(config, Path(tmp) / "node.log") as node:
-            node.start()
-            print(
-                f"node: {WORKERS} workers x {THREADS} threads; clients: {args.clients} processes "
-                f"x {args.threads} threads, {args.seconds:g} s",
-                flush=True,
-            )
-            # fork before this process starts any thread of its own
-            fork = multiprocessing.get_context("fork")
-            results: Queue[dict[str, int]] = fork.Queue()
-            procs = [
-                fork.Process(
-                    target=client_process, args=(port, args.threads, args.seconds, results)
-                )
-                for _ in range(args.clients)
-            ]
-            for p in procs:
-                p.start()
-            totals = {"naive": 0, "exact": 0, "failed": 0}
-            for _ in procs:
-                for key, value in results.get(timeout=args.seconds + 60).items():
-                    totals[key] += value
-            for p in procs:
-                p.join(10)
-                if p.is_alive():
-                    p.kill()
-                    raise SystemExit("a client process did not finish")
-            client = Client("127.0.0.1", port)
-            stored = {f: client.result("tally", "get", name=f) for f in ("naive", "exact")}
-            client.close()
-            status = node.stop()
+        # fork before this process starts any thread of its own
+        fork = multiprocessing.get_context("fork")
+        results: Queue[dict[str, int]] = fork.Queue()
+        procs = [
+            fork.Process(target=client_process, args=(port, args.threads, args.seconds, results))
+            for _ in range(args.clients)
+        ]
+        for p in procs:
+            p.start()
+        totals = {"naive": 0, "exact": 0, "failed": 0}
+        for _ in procs:
+            for key, value in results.get(timeout=args.seconds + 60).items():
+                totals[key] += value
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                raise SystemExit("a client process did not finish")
+        client = Client("127.0.0.1", port)
+        stored = {f: client.result("tally", "get", name=f) for f in ("naive", "exact")}
+        client.close()
+        status = node.stop()
 
     print()
     print(f"{'':44} {'acknowledged':>12} {'stored':>8} {'lost':>8}")

@@ -29,7 +29,7 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
-from pmnc.runtime.harness import TRANSPORT_ERRORS, Client, NodeProcess, free_port, percentile
+from pmnc.runtime.harness import TRANSPORT_ERRORS, Client, NodeProcess, percentile
 
 HERE = Path(__file__).resolve().parent
 WORKERS, THREADS = 4, 4
@@ -177,27 +177,25 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="both experiments together")
     parser.add_argument("--readers", type=int, default=3, help="reader processes")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="pmnc-visibility-") as tmp:
-        port = free_port()
-        config = Path(tmp) / "node.yaml"
-        config.write_text(
-            f"node: visibility\ndata_dir: {tmp}/var\ncages:\n  - name: demo\n"
-            f"    modules: {HERE / 'modules'}\n    workers: {WORKERS}\n    threads: {THREADS}\n"
-            f"    http: 127.0.0.1:{port}\n"
+    with (
+        tempfile.TemporaryDirectory(prefix="pmnc-visibility-") as tmp,
+        NodeProcess.one_cage(
+            Path(tmp), HERE / "modules", node="visibility", workers=WORKERS, threads=THREADS
+        ) as node,
+    ):
+        node.start()
+        port = node.port
+        print(
+            f"node: {WORKERS} workers x {THREADS} threads; 1 writer and {args.readers} reader "
+            f"processes, a new connection per request, {args.seconds:g} s\n",
+            flush=True,
         )
-        with NodeProcess(config, Path(tmp) / "node.log") as node:
-            node.start()
-            print(
-                f"node: {WORKERS} workers x {THREADS} threads; 1 writer and {args.readers} reader "
-                f"processes, a new connection per request, {args.seconds:g} s\n",
-                flush=True,
-            )
-            half = args.seconds / 2
-            writes, reads, failed1 = run(port, half, args.readers, 1)
-            stale = report_visibility(writes, reads)
-            rounds, states, failed2 = run(port, half, args.readers, 2)
-            impossible = report_ab(rounds, states)
-            status = node.stop()
+        half = args.seconds / 2
+        writes, reads, failed1 = run(port, half, args.readers, 1)
+        stale = report_visibility(writes, reads)
+        rounds, states, failed2 = run(port, half, args.readers, 2)
+        impossible = report_ab(rounds, states)
+        status = node.stop()
     print(f"\nfailed requests: {failed1 + failed2}; node stopped with status {status}")
     return 0 if stale == 0 and impossible == 0 and status == 0 else 1
 

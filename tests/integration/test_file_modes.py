@@ -93,16 +93,7 @@ def _assert_private(root: Path, *, safes: int) -> None:
 
 def _start(node: Node, mask: int) -> None:
     """Like Node.start, with the supervisor (and so its workers) under `mask`."""
-    node.mark = node.log_size()
-    with open(node.log, "ab") as err, open(node.log.with_suffix(".out"), "ab") as out:
-        node.proc = subprocess.Popen(
-            _under_umask(mask, *cli(), "start", str(node.config)),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            start_new_session=True,
-        )
-    node.wait_log(" ready: ", 20.0)
+    node.start(command=_under_umask(mask, *cli(), "start", str(node.config)), timeout=20.0)
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o000], ids=["umask022", "umask000"])

@@ -15,10 +15,10 @@ from helpers import (
     EXAMPLES,
     Client,
     Node,
-    free_port,
     increment_concurrently,
     wait_serving,
     worker_pids,
+    write_config,
 )
 from pmnc.runtime import metrics
 from prometheus_client.parser import text_string_to_metric_families
@@ -185,12 +185,8 @@ def test_a_reload_keeps_the_counts_of_the_workers_it_replaces(
 
 
 def test_a_cage_without_http_is_read_from_its_files(tmp_path: Path) -> None:
-    config = tmp_path / "quiet.yaml"
-    config.write_text(
-        f"node: test\ndata_dir: {tmp_path / 'var'}\ncages:\n"
-        f"  - name: demo\n    modules: {EXAMPLES}\n    workers: 1\n"
-    )
-    node = Node(config, free_port(), tmp_path / "quiet.log")
+    config = write_config(tmp_path / "quiet.yaml", EXAMPLES, None, workers=1)  # no http
+    node = Node(config, 0, tmp_path / "quiet.log")
     try:
         node.start()
         samples = Scraper(node, over_http=False).until(

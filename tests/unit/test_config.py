@@ -20,6 +20,7 @@ from pmnc.runtime.config import (
     check_ports,
     load_config,
 )
+from pmnc.runtime.harness import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -660,13 +661,6 @@ def test_config_error_pickles_with_its_list() -> None:
 
 
 # --- ports -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_check_ports_reports_a_port_in_use(node_dir: Path) -> None:
