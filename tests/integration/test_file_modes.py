@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from helpers import EXAMPLES, Client, Node, cli
-from pmnc.runtime import dumpfile
+from pmnc.runtime.cli import dumpfile
 
 # Enough to make the kv safe roll over to a second log file (10 MiB each) while the node runs.
 BIG_VALUE = "x" * 900_000

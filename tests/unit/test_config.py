@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from pmnc.runtime import cmd_check
+from pmnc.runtime.cli import check as cmd_check
 from pmnc.runtime.config import (
     CageConfig,
     ConfigError,

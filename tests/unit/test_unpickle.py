@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pmnc.runtime.unpickle import Opaque, UndecodableError, loads
+from pmnc.runtime.cli.unpickle import Opaque, UndecodableError, loads
 
 PLAIN: dict[str, Any] = {
     "none": None,

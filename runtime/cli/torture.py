@@ -33,8 +33,8 @@ from typing import Any
 
 from pmnc.safe import Safe, SafeError, verify
 
-from .config import HttpAddress, NodeConfig, dump_config, load_config_or_report
-from .harness import TRANSPORT_ERRORS, Client, NodeProcess, free_port, percentile
+from ..config import HttpAddress, NodeConfig, dump_config, load_config_or_report
+from ..harness import TRANSPORT_ERRORS, Client, NodeProcess, free_port, percentile
 
 __all__ = ["MODULE", "add_parser", "run"]
 

@@ -2,7 +2,7 @@
 
 What an operator needs on the day something goes wrong. Rules every command keeps:
 
-- It never runs code stored in a safe: values are shown through `pmnc.runtime.unpickle` (plain
+- It never runs code stored in a safe: values are shown through `pmnc.runtime.cli.unpickle` (plain
   data and placeholders), dumped and loaded as the stored pickles, unless `--trust` is given.
 - It never creates a safe, except `load` and `restore` for their target: a path is only opened
   once it holds a safe's data file, because opening a directory creates environment files there.
@@ -13,7 +13,7 @@ What an operator needs on the day something goes wrong. Rules every command keep
   tool finish, or stop it with Ctrl-C, which closes the safe cleanly.
 - Success is exit 0; any failure is one line on stderr naming the path and the reason.
 
-Exit codes (runtime/cli.py's scheme): 0 ok; 1 a missing key, or `verify` found the database
+Exit codes (runtime/cli/__init__.py's scheme): 0 ok; 1 a missing key, or `verify` found the database
 damaged; 2 bad usage; 3 an operational failure (not a safe, in use, no space, permission...);
 4 `verify` or `get` found a value that cannot be decoded.
 """
@@ -39,9 +39,9 @@ from pmnc.safe import restore as safe_restore
 from pmnc.safe import users as safe_users
 from pmnc.safe import verify as safe_verify
 
+from ..status import rss_bytes
 from . import dumpfile, unpickle
 from .progress import Progress
-from .status import rss_bytes
 
 __all__ = ["add_parser", "run"]
 

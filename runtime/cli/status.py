@@ -14,8 +14,8 @@ import json
 import sys
 from typing import Any
 
-from . import status
-from .config import CageConfig, NodeConfig, load_config_or_report
+from .. import status
+from ..config import CageConfig, NodeConfig, load_config_or_report
 
 __all__ = ["add_parser", "run"]
 

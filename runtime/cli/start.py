@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from .config import ConfigError, check_ports, load_config
-from .supervisor import Supervisor
+from ..config import ConfigError, check_ports, load_config
+from ..supervisor import Supervisor
 
 __all__ = ["add_parser", "run"]
 
