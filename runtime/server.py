@@ -356,16 +356,22 @@ class Server:
         elif conn.state in (IDLE, READING):
             self._read(conn)
 
-    def _read(self, conn: _Conn) -> None:
+    def _recv(self, conn: _Conn) -> bytes | None:
+        """One read: the bytes; b"" at the end of the stream or on an error; None when there
+        was nothing after all (the connection is armed again)."""
         try:
-            chunk = conn.sock.recv(READ_SIZE)
+            return conn.sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
             self._arm(conn, _IN)
-            return
+            return None
         except OSError:
-            self._close(conn)
+            return b""
+
+    def _read(self, conn: _Conn) -> None:
+        chunk = self._recv(conn)
+        if chunk is None:
             return
-        if not chunk:  # the client closed: nothing to answer on this connection
+        if not chunk:  # the client closed (or reset): nothing to answer on this connection
             self._close(conn)
             return
         conn.buf += chunk
@@ -520,13 +526,9 @@ class Server:
         self._arm(conn, _IN)
 
     def _drain(self, conn: _Conn) -> None:
-        try:
-            chunk = conn.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            self._arm(conn, _IN)
+        chunk = self._recv(conn)
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         if chunk:
             self._arm(conn, _IN)
         else:
