@@ -205,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import footprint  # noqa: PLC0415
 
         return footprint.main(argv[1:])
+    if argv[:1] == ["queues"]:  # durable queues and expiry: bench/queues.py
+        from bench import queues  # noqa: PLC0415
+
+        return queues.main(argv[1:])
     args = parse_args(argv)
     started = datetime.datetime.now(datetime.UTC)
     load_start = report.loadavg()

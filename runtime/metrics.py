@@ -149,6 +149,8 @@ class _Counters:
         self.safe_retries: dict[str, int] = {}
         self.safe_durations: dict[tuple[str, str], _Histogram] = {}
         self.safe_buckets: list[float] = []
+        # (safe, queue) -> {"deliveries": n, "redeliveries": n}: per-process counts, summed.
+        self.queue_counts: dict[tuple[str, str], dict[str, int]] = {}
 
     def add(self, figures: Mapping[str, Any]) -> None:
         """Add a worker's report, or another `_Counters`' `to_json()` (the same keys)."""
@@ -167,6 +169,10 @@ class _Counters:
             for op, n in safe.get("errors", {}).items():
                 self.safe_errors[name, op] = self.safe_errors.get((name, op), 0) + n
             self.safe_retries[name] = self.safe_retries.get(name, 0) + safe.get("retries", 0)
+            for queue, q in safe.get("queues", {}).items():
+                counts = self.queue_counts.setdefault((name, queue), {})
+                for what in ("deliveries", "redeliveries"):
+                    counts[what] = counts.get(what, 0) + q.get(what, 0)
             buckets = safe.get("duration_buckets")
             if buckets and not self.safe_buckets:
                 self.safe_buckets = list(buckets)
@@ -202,6 +208,8 @@ class _Counters:
             safe(name)["retries"] = n
         for (name, op), h in self.safe_durations.items():
             safe(name)["durations"][op] = {"counts": h.counts, "sum_ns": h.sum_ns}
+        for (name, queue), counts in self.queue_counts.items():
+            safe(name).setdefault("queues", {})[queue] = dict(counts)
         return {
             "calls": [[m, f, c, n] for (m, f, c), n in self.calls.items()],
             "call_durations": [
@@ -300,6 +308,7 @@ def render(
     """The exposition text from the supervisor's `cage.json`, the live workers' reports (none
     of them folded into `totals`) and the totals (pure: unit-tested)."""
     reports = sorted(reports, key=lambda r: r.get("written", 0.0), reverse=True)  # freshest first
+    live_pids = {w.get("pid") for w in cage.get("workers", [])}
     counters = _Counters()
     counters.add(totals)
     for r in reports:
@@ -404,6 +413,56 @@ def render(
         ratio = figures.get("cache_hit_ratio")
         if isinstance(ratio, int | float):
             out.sample("pmnc_safe_cache_hit_ratio", {"safe": name}, ratio)
+    out.family(
+        "pmnc_safe_region_bytes",
+        "gauge",
+        "Disk blocks a safe's shared Berkeley DB regions take, reservations included.",
+    )
+    for name, figures in sorted(environment.items()):
+        if isinstance(figures.get("region_bytes"), int):
+            out.sample("pmnc_safe_region_bytes", {"safe": name}, figures["region_bytes"])
+    out.family(
+        "pmnc_worker_rss_bytes",
+        "gauge",
+        "Resident set of each live worker (shared region pages it touched count in each).",
+    )
+    for r in sorted(reports, key=lambda r: r.get("pid", 0)):
+        if isinstance(r.get("rss_bytes"), int) and r.get("pid") in live_pids:
+            out.sample("pmnc_worker_rss_bytes", {"pid": r["pid"]}, r["rss_bytes"])
+
+    # Queues (docs/queues.md): lengths and ages are the queue's own (freshest report), the
+    # delivery counters are per process, summed with the departed workers' totals.
+    queues = {
+        (name, queue): q
+        for name, figures in environment.items()
+        for queue, q in figures.get("queues", {}).items()
+    }
+    out.family("pmnc_safe_queue_items", "gauge", "Items in a safe's queue, in work or waiting.")
+    for (name, queue), q in sorted(queues.items()):
+        if isinstance(q.get("length"), int):
+            out.sample("pmnc_safe_queue_items", {"safe": name, "queue": queue}, q["length"])
+    out.family(
+        "pmnc_safe_queue_oldest_age_seconds",
+        "gauge",
+        "Age of the oldest item of a safe's queue (absent when it is empty).",
+    )
+    for (name, queue), q in sorted(queues.items()):
+        age = q.get("oldest_age_s")
+        if isinstance(age, int | float):
+            labels = {"safe": name, "queue": queue}
+            out.sample("pmnc_safe_queue_oldest_age_seconds", labels, round(age, 3))
+    for what, help_text in (
+        ("deliveries", "Items of a safe's queue handed to a taker, redeliveries included."),
+        (
+            "redeliveries",
+            "Items delivered again: after an exception in the block or a lease "
+            "that ran out (its taker died or was too slow).",
+        ),
+    ):
+        family = f"pmnc_safe_queue_{what}_total"
+        out.family(family, "counter", help_text)
+        for (name, queue), counts in sorted(counters.queue_counts.items()):
+            out.sample(family, {"safe": name, "queue": queue}, counts.get(what, 0))
     return out.text()
 
 

@@ -308,6 +308,22 @@ def _aggregate_safe(name: str, reports: list[Mapping[str, Any]], now: float) -> 
             p99s.setdefault(op, []).append(lat["p99_ms"])
     latest = figures[0]  # reports come freshest first: environment-wide figures
     checkpoint = latest.get("last_checkpoint") or 0
+    # Queues (docs/queues.md): length, items in work and oldest age are the queue's own, from
+    # the freshest report; deliveries and redeliveries are per process, summed.
+    queues: dict[str, dict[str, Any]] = {}
+    for f in figures:
+        for queue, q in f.get("queues", {}).items():
+            entry = queues.get(queue)
+            if entry is None:
+                entry = queues[queue] = {
+                    "length": q.get("length"),
+                    "leased": q.get("leased"),
+                    "oldest_age_s": q.get("oldest_age_s"),
+                    "deliveries": 0,
+                    "redeliveries": 0,
+                }
+            entry["deliveries"] += q.get("deliveries", 0)
+            entry["redeliveries"] += q.get("redeliveries", 0)
     return {
         "ops_per_s": round(sum(f.get("ops_per_s", 0.0) for f in figures), 3),
         "ops": ops,
@@ -324,6 +340,7 @@ def _aggregate_safe(name: str, reports: list[Mapping[str, Any]], now: float) -> 
         "last_checkpoint_age_s": round(max(0.0, now - checkpoint), 1) if checkpoint else None,
         "cache_hit_ratio": latest.get("cache_hit_ratio"),
         "region_bytes": latest.get("region_bytes"),
+        "queues": {name: queues[name] for name in sorted(queues)},
     }
 
 
@@ -391,6 +408,23 @@ def render(status: Mapping[str, Any]) -> str:
         for op, lat in s["latency"].items():
             count = str(s["ops"][op]) if op in s["ops"] else "-"  # reads are counted as "read"
             rows.append([name, op, count, f"{lat['p50_ms']:.3f}", f"{lat['p99_ms']:.3f}"])
+    if len(rows) > 1:
+        lines += ["", *_table(rows)]
+    rows = [["safe", "queue", "items", "in work", "oldest", "deliveries", "redeliveries"]]
+    for name, s in safes.items():
+        for queue, q in s.get("queues", {}).items():
+            age = q.get("oldest_age_s")
+            rows.append(
+                [
+                    name,
+                    queue,
+                    str(q.get("length")),
+                    str(q.get("leased")),
+                    "-" if age is None else _duration(age),
+                    str(q.get("deliveries", 0)),
+                    str(q.get("redeliveries", 0)),
+                ]
+            )
     if len(rows) > 1:
         lines += ["", *_table(rows)]
     return "\n".join(lines)

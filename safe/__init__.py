@@ -25,9 +25,12 @@ from .errors import (
     SafePermissionError,
     SafeTimeoutError,
 )
+from .queue import Delivery, Queue
 from .store import DEFAULT_CACHE_SIZE, DEFAULT_MIN_FREE_SPACE, Safe
 
 __all__ = [
+    "Delivery",
+    "Queue",
     "Safe",
     "SafeBusyError",
     "SafeClosedError",

@@ -37,6 +37,7 @@ import copy
 import ctypes
 import errno
 import fcntl
+import functools
 import itertools
 import logging
 import os
@@ -52,6 +53,7 @@ from typing import Any, TypeVar
 
 from berkeleydb import db
 
+from . import expiry as _expiry
 from .errors import (
     SafeBusyError,
     SafeClosedError,
@@ -63,6 +65,7 @@ from .errors import (
     SafePermissionError,
     SafeTimeoutError,
 )
+from .wake import Wake
 
 log = logging.getLogger("pmnc.safe")
 
@@ -70,6 +73,16 @@ T = TypeVar("T")
 
 DB_FILE = "safe.db"
 REGISTER_FILE = "__db.register"
+# Expiry index and queues (docs/queues.md): named B-trees of a second file in the same
+# environment, created on first use, so that a safe that uses neither is as it was. Small pages:
+# its records are short (index entries, queue items of some hundred bytes).
+AUX_FILE = "extra.db"
+AUX_PAGE_SIZE = 8 << 10
+AUX_DATABASES = ("expiry", "queues")
+WAKE_FILE = "queues.wake"  # the queues' wake-up word (safe/wake.py)
+# Every this many ticks the maintenance thread purges expired keys, for at most PURGE_BUDGET_S.
+PURGE_TICKS = 5
+PURGE_BUDGET_S = 0.05
 # A safe's data is its owner's alone, whatever the umask (README, "Operating safes"): every
 # directory made to hold one is 0700 and every file in it 0600 (tests/integration/
 # test_file_modes.py walks them under umask 022 and 000).
@@ -507,9 +520,51 @@ def _open_db(path: Path, env: Any, *, create: bool) -> Any:
     return handle
 
 
+def _purge_body(e: Environment, txn: Any, *, now: float) -> int:
+    return _expiry.purge_step(e, txn, now)
+
+
+def _open_aux(path: Path, env: Any) -> dict[str, Any]:
+    """Open (creating on first use) the expiry index and queues' B-trees in AUX_FILE.
+
+    Creation is transactional (DB_AUTO_COMMIT), so processes creating it at once agree on one
+    file; a creation that lost a race to another process is retried once it is there.
+    """
+    handles: dict[str, Any] = {}
+    try:
+        for name in AUX_DATABASES:
+            for attempt in range(50):
+                handle = db.DB(env)
+                try:
+                    handle.set_flags(db.DB_CHKSUM)
+                    if not (path / AUX_FILE).exists():
+                        handle.set_pagesize(AUX_PAGE_SIZE)
+                    handle.open(AUX_FILE, name, db.DB_BTREE, DB_OPEN_FLAGS | db.DB_CREATE, 0o600)
+                except (db.DBFileExistsError, *_RETRYABLE):
+                    with contextlib.suppress(db.DBError):
+                        handle.close()
+                    if attempt == 49:
+                        raise
+                    time.sleep(0.01)
+                    continue
+                except BaseException:
+                    with contextlib.suppress(db.DBError):
+                        handle.close()
+                    raise
+                handles[name] = handle
+                break
+    except db.DBError as e:
+        for handle in handles.values():
+            with contextlib.suppress(db.DBError):
+                handle.close()
+        raise translate(path, f"open {AUX_FILE}", e) from e
+    _private(path / AUX_FILE, FILE_MODE)
+    return handles
+
+
 def _is_safe_file(name: str) -> bool:
     """A file Berkeley DB keeps in a safe's directory: the data, its logs and the regions."""
-    return name == DB_FILE or name.startswith(("log.", "__db."))
+    return name in (DB_FILE, AUX_FILE, WAKE_FILE) or name.startswith(("log.", "__db."))
 
 
 def _private(path: Path, mode: int) -> None:
@@ -667,6 +722,12 @@ class Environment:
         self._free_bytes = 0
         self._written = 0
         self._reserved: dict[str, int] = {}
+        # The expiry index and queues' handles, opened on first use (`aux`).
+        self._aux: dict[str, Any] | None = None
+        self._aux_lock = threading.Lock()
+        self._wake: Any = None
+        # Per queue name, this process's deliveries and redeliveries (Safe.stats()["queues"]).
+        self.queue_counts: dict[str, dict[str, int]] = {}
         _check_directory(path, create=create)
         if not create and not (path / DB_FILE).exists():
             raise SafeError(
@@ -989,6 +1050,101 @@ class Environment:
             cursor.close()
         return n
 
+    # -- expiry index and queues (docs/queues.md) ----------------------------------------------
+
+    def aux_exists(self) -> bool:
+        """Whether the expiry index and queues' file exists (some process has used them)."""
+        return self._aux is not None or os.path.exists(self.path / AUX_FILE)
+
+    def aux(self) -> dict[str, Any]:
+        """The expiry index and queues' B-trees, opened (and created) on first use."""
+        handles = self._aux
+        if handles is not None:
+            return handles
+        with self._aux_lock:
+            if self._aux is None:
+                self._aux = _open_aux(self.path, self._env)
+            return self._aux
+
+    def aux_get(self, txn: Any, which: str, key: bytes, *, rmw: bool = False) -> bytes | None:
+        value: bytes | None = self.aux()[which].get(key, txn=txn, flags=db.DB_RMW if rmw else 0)
+        return value
+
+    def aux_put(self, txn: Any, which: str, key: bytes, value: bytes) -> None:
+        self.aux()[which].put(key, value, txn=txn)
+
+    def aux_delete(self, txn: Any, which: str, key: bytes) -> bool:
+        try:
+            self.aux()[which].delete(key, txn=txn)
+        except db.DBNotFoundError:
+            return False
+        return True
+
+    def aux_scan(
+        self,
+        txn: Any,
+        which: str,
+        start: bytes | None,
+        limit: int,
+        *,
+        inclusive: bool = True,
+        rmw: bool = False,
+    ) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` records of `which` from `start` (after it unless `inclusive`); with
+        `rmw`, write-locked for the transaction `txn` that will change them."""
+        flags = db.DB_RMW if rmw else 0
+        out: list[tuple[bytes, bytes]] = []
+        cursor = self.aux()[which].cursor(txn)
+        try:
+            record = (
+                cursor.first(flags=flags) if start is None else cursor.set_range(start, flags=flags)
+            )
+            if record is not None and not inclusive and record[0] == start:
+                record = cursor.next(flags=flags)
+            while record is not None and len(out) < limit:
+                out.append(record)
+                record = cursor.next(flags=flags) if len(out) < limit else None
+        finally:
+            cursor.close()
+        return out
+
+    def log_flush(self) -> None:
+        """Flush the log to disk: with a commit written NOSYNC just before, that commit is
+        durable when this returns, and concurrent flushers share one fsync (group commit)
+        without holding the transaction's page locks during it (docs/queues.md)."""
+        self._env.log_flush()
+
+    def wake(self) -> Any:
+        """The queues' wake-up word of this directory (safe/wake.py), mapped on first use."""
+        if self._wake is None:
+            with self._aux_lock:
+                if self._wake is None:
+                    self._wake = Wake(self.path, FILE_MODE)
+        return self._wake
+
+    def purge_expired(self, budget: float = PURGE_BUDGET_S) -> int:
+        """Purge overdue keys in NOSYNC transactions of PURGE_BATCH entries, for at most
+        `budget` seconds; a batch that meets a lock conflict ends this round (the next tick,
+        or another process, takes it up). Returns the entries handled."""
+        if not self.aux_exists():
+            return 0
+        options = Options(durable=False, timeout=1.0, min_free_space=0)
+        started = time.monotonic()
+        total = 0
+        while time.monotonic() - started < budget:
+            now = time.time()
+            first = self.aux_scan(None, "expiry", None, 1)  # a peek, no lock kept: often enough
+            if not first or _expiry.split_index_key(first[0][0])[0] > now:
+                break
+            try:
+                n = self.transaction(options, functools.partial(_purge_body, now=now))
+            except _RETRYABLE:
+                break
+            total += n
+            if n < _expiry.PURGE_BATCH:
+                break
+        return total
+
     def backup_to(self, target: Path) -> None:
         """Berkeley DB's hot backup: the data file, then every log file it needs."""
         self._env.backup(str(target), db.DB_CREATE)
@@ -1046,6 +1202,8 @@ class Environment:
                 if self.panicked:
                     continue
                 self._maintain_space()
+                if ticks % PURGE_TICKS == 0:
+                    self.purge_expired()
                 if time.monotonic() - last_forced >= self._checkpoint_interval:
                     self._env.txn_checkpoint(0, 0, 0)
                     last_forced = time.monotonic()
@@ -1126,6 +1284,7 @@ class Environment:
             # it as dead once we exit. Say so, so that a worker exits as needing recovery.
             _pin(self._env)
             _pin(self._db)
+            _pin(self._aux)
             raise SafeNeedsRecoveryError(
                 self.path,
                 "close",
@@ -1137,7 +1296,8 @@ class Environment:
         # The environment is closed even when closing the database failed (a full disk cannot
         # take its dirty pages, which the log already has): a process that leaves without
         # closing it would look dead to the next one, which would then recover.
-        for handle in (self._db, self._env):
+        aux = list(self._aux.values()) if self._aux is not None else []
+        for handle in (*aux, self._db, self._env):
             try:
                 handle.close()
             except db.DBRunRecoveryError as e:
@@ -1156,6 +1316,7 @@ class Environment:
         self.usable = False
         _pin(self._env)
         _pin(self._db)
+        _pin(self._aux)
         self.refs = 0
         # The parent's descriptor keeps its shared lock; the child's copy need not.
         with contextlib.suppress(OSError):
@@ -1382,11 +1543,14 @@ def verify(path: str | os.PathLike[str]) -> None:
 
 
 def _verify_file(key: Path, todo: str = "restore it from a backup") -> None:
-    handle = db.DB()
-    try:
-        handle.verify(str(key / DB_FILE))
-    except db.DBError as e:
-        raise SafeCorruptError(key, "verify", f"{DB_FILE} failed verification: {e}", todo) from e
+    for name in (DB_FILE, AUX_FILE):
+        if name != DB_FILE and not (key / name).exists():
+            continue
+        handle = db.DB()
+        try:
+            handle.verify(str(key / name))
+        except db.DBError as e:
+            raise SafeCorruptError(key, "verify", f"{name} failed verification: {e}", todo) from e
 
 
 # -- backup and restore ---------------------------------------------------------------------------
@@ -1441,7 +1605,9 @@ def backup(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
             "give a new or empty directory",
         )
     needed = sum(
-        p.stat().st_size for p in key.iterdir() if p.name == DB_FILE or p.name[:4] == "log."
+        p.stat().st_size
+        for p in key.iterdir()
+        if p.name in (DB_FILE, AUX_FILE) or p.name[:4] == "log."
     )
     if os.path.exists(target.parent):
         free = os.statvfs(target.parent)
@@ -1533,7 +1699,7 @@ def _copy_files(source: Path, dest: Path) -> None:
     _make_private_dirs(dest)
     _private(dest, DIR_MODE)
     for p in sorted(source.iterdir()):
-        if p.name == DB_FILE or (p.name.startswith("log.") and p.name[4:].isdigit()):
+        if p.name in (DB_FILE, AUX_FILE) or (p.name.startswith("log.") and p.name[4:].isdigit()):
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
             with open(p, "rb") as src, open(os.open(dest / p.name, flags, FILE_MODE), "wb") as dst:
                 os.fchmod(dst.fileno(), FILE_MODE)  # exact, before a byte of data is in it
@@ -1547,7 +1713,10 @@ def _remove_tree(path: Path) -> None:
     """Remove a safe's directory: only its own files, so anything else stops the removal."""
     if path.exists():
         for p in path.iterdir():
-            if p.name in (DB_FILE, REGISTER_FILE) or p.name[:4] in ("log.", "__db"):
+            if p.name in (DB_FILE, AUX_FILE, WAKE_FILE, REGISTER_FILE) or p.name[:4] in (
+                "log.",
+                "__db",
+            ):
                 p.unlink()
         with contextlib.suppress(OSError):
             path.rmdir()

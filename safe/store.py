@@ -24,6 +24,7 @@ import itertools
 import os
 import pickle
 import threading
+import time
 from collections.abc import (
     Callable,
     ItemsView,
@@ -38,6 +39,8 @@ from types import TracebackType
 from typing import Any, overload
 
 from . import env as _env
+from . import expiry as _expiry
+from . import queue as _queue
 from .errors import SafeClosedError
 
 PICKLE_PROTOCOL = 5
@@ -69,6 +72,9 @@ _loads = pickle.loads
 _pickle = pickle.dumps
 _DBError = _env.DBError
 _SAMPLE_MASK = _env.READ_SAMPLE_MASK
+# First byte of a record that carries an expiry (no pickle starts with it: safe/expiry.py).
+_MARK = _expiry.MARK
+_live = _expiry.live
 
 
 class _ClosedEnvironment(_env.Environment):
@@ -245,6 +251,10 @@ class Safe(MutableMapping[str, object]):
             next(environment.read_done)
         if raw is None:
             raise KeyError(key)
+        if raw[0] == _MARK:  # an expiring value: absent once its time has passed
+            raw = _live(raw)
+            if raw is None:
+                raise KeyError(key)
         return _loads(raw)
 
     def get(self, key: str, default: object = None) -> object:
@@ -269,10 +279,17 @@ class Safe(MutableMapping[str, object]):
                 raw = environment.call("get", self._options, environment.get, k)
         finally:
             next(environment.read_done)
-        return default if raw is None else _loads(raw)
+        if raw is None:
+            return default
+        if raw[0] == _MARK:
+            raw = _live(raw)
+            if raw is None:
+                return default
+        return _loads(raw)
 
     def __contains__(self, key: object) -> bool:
-        return self._read("contains", _encode_key(key)) is not None
+        raw = self._read("contains", _encode_key(key))
+        return raw is not None and (raw[0] != _MARK or _live(raw) is not None)
 
     def __setitem__(self, key: str, value: object) -> None:
         if type(key) is str:
@@ -297,15 +314,58 @@ class Safe(MutableMapping[str, object]):
 
     def __delitem__(self, key: str) -> None:
         k = _encode_key(key)
-        environment = self._environment_for("delete")
-        if self._reserve:
-            environment.check_space("delete", self._options, 0)
-        if not environment.call("delete", self._options, environment.delete_one, self._options, k):
+
+        def body(e: _env.Environment, txn: Any) -> bool:
+            raw = e.get_rmw(txn, k)
+            if raw is None:
+                return False
+            e.delete(txn, k)
+            _expiry.drop_index_entry(e, txn, raw, k)
+            return _live(raw) is not None  # an expired key was absent: KeyError, and gone now
+
+        if not self._write("delete", body):
             raise KeyError(key)
 
     def __len__(self) -> int:
+        """Keys present now: the record count less the expired records not yet purged."""
         environment = self._environment_for("len")
-        return environment.call("len", self._options, environment.count)
+        n = environment.call("len", self._options, environment.count)
+        if environment.aux_exists():
+            n -= environment.call("len", self._options, _expiry.overdue, environment, time.time())
+        return max(0, n)
+
+    def set(self, key: str, value: object, ttl: float | None = None) -> None:
+        """`self[key] = value`, expiring after `ttl` seconds (> 0) if given.
+
+        From its expiry on, the key is absent for every read in every process (`[]`, `get`,
+        `in`, `len`, iteration, `pop`, `modify`...), and the maintenance thread of any process
+        that has the safe open reclaims its space in the background. Any later write of the
+        key without `ttl` clears its expiry. Expiry is by the wall clock (`time.time()`): a
+        clock set forward expires keys early, one set back keeps them longer. One transaction
+        (the value and its entry in the expiry index), durable like `[]=`.
+        """
+        if ttl is None:
+            self[key] = value
+            return
+        seconds = _expiry.check_ttl(ttl)
+        k, v = _encode_key(key), self._dumps(value)
+
+        def body(e: _env.Environment, txn: Any) -> None:
+            expires = time.time() + seconds
+            _expiry.drop_index_entry(e, txn, e.get_rmw(txn, k), k)
+            e.put(txn, k, _expiry.wrap(v, expires))
+            e.aux_put(txn, "expiry", _expiry.index_key(expires, k), b"")
+
+        self._write("set", body, len(k) + len(v))
+
+    def ttl(self, key: str) -> float | None:
+        """Seconds until `key` expires, None if it does not expire; KeyError if absent."""
+        raw = self._read("get", _encode_key(key))
+        now = time.time()
+        if raw is None or _live(raw, now) is None:
+            raise KeyError(key)
+        expires = _expiry.expires_at(raw)
+        return None if expires is None else expires - now
 
     def _batch(self, start: bytes | None, *, inclusive: bool) -> list[tuple[bytes, bytes]]:
         environment = self._environment_for("iterate")
@@ -320,7 +380,15 @@ class Safe(MutableMapping[str, object]):
         """
         batch = self._batch(None, inclusive=True)
         while True:
-            yield from batch
+            now = time.time()
+            for key, stored in batch:
+                raw = stored
+                if raw[0] == _MARK:
+                    live = _live(raw, now)
+                    if live is None:
+                        continue  # expired: absent, whether purged yet or not
+                    raw = live
+                yield key, raw
             if len(batch) < BATCH:
                 return
             batch = self._batch(batch[-1][0], inclusive=False)
@@ -337,21 +405,39 @@ class Safe(MutableMapping[str, object]):
 
     # -- atomic read-modify-writes -----------------------------------------------------------------
 
-    def modify(self, key: str, fn: Callable[[Any], object], default: object = None) -> object:
+    def modify(
+        self,
+        key: str,
+        fn: Callable[[Any], object],
+        default: object = None,
+        *,
+        ttl: float | None = None,
+    ) -> object:
         """Atomically replace the value at `key` by `fn(old)` and return the new value.
 
         `old` is the stored value, or `default` when the key is absent. Read, compute and write
         happen in one transaction holding the key's write lock, so concurrent `modify` calls on
         one key, in any threads or processes, never lose an update. `fn` may run more than once
         (the transaction is retried after a deadlock), so it should have no side effects; if it
-        raises, nothing is stored and the exception propagates.
+        raises, nothing is stored and the exception propagates. An expired key is absent
+        (`fn(default)`). With `ttl` the new value expires `ttl` seconds from now (a sliding
+        expiry, as `set(..., ttl=)`); without it, like any write without `ttl`, it does not.
         """
         k = _encode_key(key)
+        seconds = None if ttl is None else _expiry.check_ttl(ttl)
 
         def body(e: _env.Environment, txn: Any) -> object:
             raw = e.get_rmw(txn, k)
-            new = fn(default if raw is None else _loads(raw))
-            e.put(txn, k, self._dumps(new))
+            live = None if raw is None else _live(raw)
+            new = fn(default if live is None else _loads(live))
+            data = self._dumps(new)
+            _expiry.drop_index_entry(e, txn, raw, k)
+            if seconds is None:
+                e.put(txn, k, data)
+            else:
+                expires = time.time() + seconds
+                e.put(txn, k, _expiry.wrap(data, expires))
+                e.aux_put(txn, "expiry", _expiry.index_key(expires, k), b"")
             return new
 
         return self._write("modify", body)
@@ -369,8 +455,11 @@ class Safe(MutableMapping[str, object]):
             raw = e.get_rmw(txn, k)
             if raw is None:
                 return _MISSING
-            value = _loads(raw)  # before the delete: an unloadable value is not lost
+            live = _live(raw)
+            # Unpickled before the delete: an unloadable value is not lost.
+            value = _MISSING if live is None else _loads(live)
             e.delete(txn, k)
+            _expiry.drop_index_entry(e, txn, raw, k)
             return value
 
         value = self._write("pop", body)
@@ -386,10 +475,12 @@ class Safe(MutableMapping[str, object]):
 
         def body(e: _env.Environment, txn: Any) -> object:
             raw = e.get_rmw(txn, k)
-            if raw is None:
+            live = None if raw is None else _live(raw)
+            if live is None:
                 e.put(txn, k, v)
+                _expiry.drop_index_entry(e, txn, raw, k)
                 return default
-            return _loads(raw)
+            return _loads(live)
 
         return self._write("setdefault", body)
 
@@ -397,13 +488,21 @@ class Safe(MutableMapping[str, object]):
         """Remove and return the (key, value) with the smallest key, in one transaction."""
 
         def body(e: _env.Environment, txn: Any) -> tuple[str, object] | None:
-            record = e.first(txn)
-            if record is None:
-                return None
+            now = time.time()
+            while True:
+                record = e.first(txn)
+                if record is None:
+                    return None
+                live = _live(record[1], now)
+                if live is not None:
+                    break
+                e.delete(txn, record[0])  # expired: removed on the way, as the purge would
+                _expiry.drop_index_entry(e, txn, record[1], record[0])
             # Unpickled inside the transaction: a value that cannot be loaded aborts the pop
             # instead of being deleted and lost.
-            item = _decode_key(record[0]), _loads(record[1])
+            item = _decode_key(record[0]), _loads(live)
             e.delete(txn, record[0])
+            _expiry.drop_index_entry(e, txn, record[1], record[0])
             return item
 
         item: tuple[str, object] | None = self._write("popitem", body)
@@ -437,23 +536,64 @@ class Safe(MutableMapping[str, object]):
         self._write("update", body, sum(len(k) + len(v) for k, v in encoded))
 
     def clear(self) -> None:
-        """Delete every key, in transactions of up to 1,000 keys (not atomic as a whole)."""
+        """Delete every key, in transactions of up to 1,000 keys (not atomic as a whole).
+
+        The queues (`queue`) are not keys: they are left as they are.
+        """
         while self._write("clear", lambda e, txn: e.delete_some(txn, BATCH)) == BATCH:
             pass
+        environment = self._environment_for("clear")
+        if environment.aux_exists():
+
+            def drop_index(e: _env.Environment, txn: Any) -> int:
+                entries = e.aux_scan(txn, "expiry", None, BATCH, rmw=True)
+                for entry, _ in entries:
+                    e.aux_delete(txn, "expiry", entry)
+                return len(entries)
+
+            while self._write("clear", drop_index) == BATCH:
+                pass
+
+    # -- queues ------------------------------------------------------------------------------------
+
+    def queue(self, name: str) -> _queue.Queue:
+        """The durable FIFO queue `name` of this safe (docs/queues.md): `put`, `len`, and
+        `with q.get(timeout=None, lease=60.0) as item:`, delivering each item at least once.
+
+        Queues live in the safe's environment apart from its keys: they are not in iteration,
+        `len` or `clear` of the safe. A Queue is as cheap as its name; make one per use or keep it.
+        """
+        return _queue.Queue(self, name)
+
+    def queues(self) -> list[str]:
+        """The names of the queues that hold items now."""
+        environment = self._environment_for("queues")
+        if not environment.aux_exists():
+            return []
+        return environment.call("queues", self._options, _queue.names, environment)
 
     # -- raw access for tools (no unpickling) ------------------------------------------------------
 
     def raw_items(self, prefix: str = "") -> Iterator[tuple[str, bytes]]:
         """(key, pickled value) in key order, starting at `prefix` and keeping to it.
 
-        For tools that must not run code stored in a safe: nothing is unpickled here.
+        For tools that must not run code stored in a safe: nothing is unpickled here. Expired
+        keys are left out; an expiring key's value comes without its expiry (a dump loaded back
+        does not expire).
         """
         start = _encode_key(prefix)
         batch = self._batch(start or None, inclusive=True)
         while True:
-            for key, raw in batch:
+            now = time.time()
+            for key, stored in batch:
                 if not key.startswith(start):
                     return
+                raw = stored
+                if raw[0] == _MARK:
+                    live = _live(raw, now)
+                    if live is None:
+                        continue
+                    raw = live
                 yield _decode_key(key), raw
             if len(batch) < BATCH:
                 return
@@ -462,14 +602,17 @@ class Safe(MutableMapping[str, object]):
     def get_raw(self, key: str) -> bytes:
         """The pickled value at `key`, not unpickled; KeyError if absent."""
         raw = self._read("get", _encode_key(key))
-        if raw is None:
+        live = None if raw is None else _live(raw)
+        if live is None:
             raise KeyError(key)
-        return raw
+        return live
 
     def set_raw(self, key: str, data: bytes) -> None:
         """Store an already pickled value (as `raw_items` gives it), e.g. when loading a dump."""
         if not isinstance(data, bytes):
             raise TypeError(f"set_raw takes pickled bytes, got {type(data).__name__}")
+        if not data or data[0] == _MARK:
+            raise ValueError(f"{self.path}: set_raw takes a pickle, got {data[:16]!r}...")
         if len(data) > self._max_value_size:
             self._too_big(len(data))
         k = _encode_key(key)
@@ -521,6 +664,10 @@ class Safe(MutableMapping[str, object]):
         figures["durations"] = durations
         figures["duration_buckets"] = list(_env.DURATION_BUCKETS)
         figures.update(info)
+        # Per queue: length, items being worked on, oldest item's age (whole safe), and this
+        # process's deliveries and redeliveries. Queues emptied since still show their counts.
+        names = set(self.queues()) | set(environment.queue_counts)
+        figures["queues"] = {name: self.queue(name).stats() for name in sorted(names)}
         return figures
 
 

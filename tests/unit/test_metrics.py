@@ -336,3 +336,65 @@ def test_a_report_from_a_reused_pid_is_not_skipped(tmp_path: Path) -> None:
 def test_not_running_without_a_live_supervisor(tmp_path: Path) -> None:
     with pytest.raises(status.NotRunningError):
         metrics.cage_metrics(tmp_path)
+
+
+def test_memory_gauges_and_queue_figures() -> None:
+    """RSS per live worker and region bytes per safe (gauges, freshest report); per queue its
+    length and oldest age (gauges) and deliveries and redeliveries summed over the live workers
+    and the departed ones (counters)."""
+
+    def report(pid: int, rss: int, region: int, written: float, redelivered: int) -> dict[str, Any]:
+        r = worker_report(pid, 1, written=written)
+        r["rss_bytes"] = rss
+        r["safes"]["counter"]["region_bytes"] = region
+        r["safes"]["counter"]["queues"] = {
+            "orders": {
+                "length": 7 if pid == 11 else 9,
+                "leased": 1,
+                "oldest_age_s": 2.5 if pid == 11 else 1.0,
+                "deliveries": 10,
+                "redeliveries": redelivered,
+            }
+        }
+        return r
+
+    reports = [report(10, 50 << 20, 1000, NOW - 0.5, 1), report(11, 60 << 20, 2000, NOW, 2)]
+    totals = {**report(9, 1, 1, NOW - 60, 4)}  # a departed worker, folded
+    totals["rss_bytes"] = None
+    families = parse(metrics.render(CAGE, reports, totals, NOW))
+    assert families["pmnc_worker_rss_bytes"].type == "gauge"
+    assert families["pmnc_safe_region_bytes"].type == "gauge"
+    assert value(families, "pmnc_worker_rss_bytes", pid="10") == 50 << 20
+    assert value(families, "pmnc_worker_rss_bytes", pid="11") == 60 << 20
+    assert not [s for s in families["pmnc_worker_rss_bytes"].samples if s.labels["pid"] == "9"]
+    assert value(families, "pmnc_safe_region_bytes", safe="counter") == 2000  # the freshest
+    q = {"safe": "counter", "queue": "orders"}
+    assert value(families, "pmnc_safe_queue_items", **q) == 7
+    assert value(families, "pmnc_safe_queue_oldest_age_seconds", **q) == 2.5
+    assert families["pmnc_safe_queue_redeliveries"].type == "counter"
+    assert value(families, "pmnc_safe_queue_redeliveries_total", **q) == 1 + 2 + 4
+    assert value(families, "pmnc_safe_queue_deliveries_total", **q) == 30
+
+    cage = {"workers": [{"pid": 10, "started": NOW - 10}, {"pid": 11, "started": NOW - 10}]}
+    aggregated = status.aggregate(cage, {10: reports[0], 11: reports[1]}, NOW)
+    assert aggregated["safes"]["counter"]["queues"]["orders"] == {
+        "length": 7,
+        "leased": 1,
+        "oldest_age_s": 2.5,
+        "deliveries": 20,
+        "redeliveries": 3,
+    }
+    assert "orders" in status.render(aggregated)
+
+
+def test_a_safes_stats_carry_its_queues(tmp_path: Path) -> None:
+    with Safe.open(tmp_path / "s") as s:
+        q = s.queue("orders")
+        q.put(1)
+        q.put(2)
+        with pytest.raises(RuntimeError), q.get(timeout=1):
+            raise RuntimeError
+        figures = s.stats()["queues"]["orders"]
+    assert figures["length"] == 2 and figures["leased"] == 0
+    assert figures["deliveries"] == 1 and figures["redeliveries"] == 0
+    assert 0 <= figures["oldest_age_s"] < 5

@@ -3,13 +3,15 @@
 Try: curl -d '{"user": "alice", "ttl": 600}' http://127.0.0.1:8081/sessions/create
 then: curl -d '{"token": "<the token>"}' http://127.0.0.1:8081/sessions/touch
 
-A session is one key (its random token) holding a dict. Sliding expiry (`touch`) is a `modify`,
-so two workers touching the same session at once cannot resurrect an older copy of it. An
-expired session is dead for good: `get` and `touch` ignore it and `purge` deletes it, which is
-why `purge` may read and delete in two transactions without losing a session touched meanwhile.
+A session is one key (its random token) holding a dict, stored with the safe's own expiry
+(`pmnc_safe.set(token, session, ttl=...)`): once its time passes it is absent for every read
+in every worker at once, it no longer counts in `len`, and the safe reclaims its space in the
+background (docs/safe-api.md, "Expiring keys"). Nothing here compares times or purges.
 
-The clock is the module-level `_clock` (time.time): a client cannot choose the time it is judged
-by; tests load a copy of this file whose `_clock` they step, instead of sleeping.
+Sliding expiry (`touch`) is one `modify(..., ttl=...)`: read, merge and re-arm the expiry in a
+single transaction, so two workers touching the same session at once cannot resurrect an older
+copy of it, and a touch racing a logout or the expiry cannot bring the session back: an
+expired or deleted session is absent inside `modify` too, and `touch` then stores nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ pmnc_safe: Safe = globals()["pmnc_safe"]
 
 DEFAULT_TTL = 1800.0  # seconds a session lives without a touch
 MAX_TTL = 86400.0 * 30
-_clock = time.time  # what "now" is; private, so no request can pass another one
 
 
 class _Gone(Exception):
@@ -42,65 +43,54 @@ def create(
     if not isinstance(user, str) or not user:
         raise ValueError("user must be a non-empty string")
     ttl = _ttl(ttl)
-    now = _clock()
     token = secrets.token_urlsafe(18)
-    session = {
-        "user": user,
-        "data": dict(data or {}),
-        "created": now,
-        "ttl": ttl,
-        "expires": now + ttl,
-    }
-    pmnc_safe[token] = session
-    return {"token": token, **session}
+    session = {"user": user, "data": dict(data or {}), "created": time.time(), "ttl": ttl}
+    pmnc_safe.set(token, session, ttl=ttl)
+    return {"token": token, **session, "expires_in": ttl}
 
 
 def get(token: str) -> dict[str, Any] | None:
-    """The live session under `token`, None if there is none or it expired."""
-    now = _clock()
+    """The live session under `token` (with the seconds it has left), None if none or expired."""
     session = pmnc_safe.get(token)
-    if not isinstance(session, dict) or session["expires"] <= now:
+    if not isinstance(session, dict):
         return None
-    return session
+    try:
+        left = pmnc_safe.ttl(token)
+    except KeyError:
+        return None  # expired (or logged out) between the two reads
+    return {**session, "expires_in": left}
 
 
 def touch(token: str, data: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Push a live session's expiry `ttl` s from now (merging `data` into it); None if dead."""
-    now = _clock()
 
     def extend(session: object) -> dict[str, Any]:
-        if not isinstance(session, dict) or session["expires"] <= now:
-            raise _Gone
-        return {
-            **session,
-            "data": {**session["data"], **(data or {})},
-            "expires": now + session["ttl"],
-        }
+        if not isinstance(session, dict):
+            raise _Gone  # absent, expired or logged out: store nothing
+        return {**session, "data": {**session["data"], **(data or {})}}
 
+    # The session's own ttl is only known inside `extend`; every session of this module has one,
+    # and a touch re-arms it with that same ttl: read it first (a session whose ttl changed
+    # meanwhile cannot exist: it is never rewritten with another).
+    current = pmnc_safe.get(token)
+    if not isinstance(current, dict):
+        return None
     try:
-        new = pmnc_safe.modify(token, extend, None)
+        new = pmnc_safe.modify(token, extend, None, ttl=current["ttl"])
     except _Gone:
         return None
     assert isinstance(new, dict)
-    return new
+    return {**new, "expires_in": current["ttl"]}
 
 
 def delete(token: str) -> bool:
-    """End a session (a logout); whether it was there."""
+    """End a session (a logout); whether it was live."""
     return pmnc_safe.pop(token, None) is not None
 
 
 def count() -> int:
-    """How many sessions are live now."""
-    now = _clock()
-    return sum(1 for s in pmnc_safe.values() if isinstance(s, dict) and s["expires"] > now)
-
-
-def purge() -> int:
-    """Delete every expired session; how many were deleted."""
-    now = _clock()
-    expired = [t for t, s in pmnc_safe.items() if isinstance(s, dict) and s["expires"] <= now]
-    return sum(1 for t in expired if pmnc_safe.pop(t, None) is not None)
+    """How many sessions are live now (expired ones are counted out by the safe itself)."""
+    return len(pmnc_safe)
 
 
 def _ttl(ttl: object) -> float:
