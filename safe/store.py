@@ -131,6 +131,8 @@ class Safe(MutableMapping[str, object]):
         Workers under a supervisor that recovers by itself pass `recover=False`.
         `cache_size` only applies when this open creates the environment's regions.
         """
+        if not os.fspath(path):  # dbm refuses it too: "" would make the current directory a safe
+            raise ValueError("a safe's path must not be empty")
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         if max_value_size <= 0:
@@ -382,6 +384,8 @@ class Safe(MutableMapping[str, object]):
         while True:
             now = time.time()
             for key, stored in batch:
+                if not self._env.usable:  # closed (or unusable) mid-walk: say so at once,
+                    self._environment_for("iterate")  # not after the rest of the batch
                 raw = stored
                 if raw[0] == _MARK:
                     live = _live(raw, now)

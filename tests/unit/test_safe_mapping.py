@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import shutil
 import subprocess
@@ -376,3 +377,27 @@ def test_exit_with_daemon_threads_still_writing_does_not_crash(tmp_path: Path) -
         assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     with Safe.open(tmp_path / "s") as s:  # and the safe opens cleanly afterwards
         assert len(s) > 0
+
+
+def test_an_empty_path_is_refused_not_the_current_directory(tmp_path: Path) -> None:
+    """dbm and sqlite3's dbm refuse an empty path; Safe.open("") used to make cwd a safe."""
+    before = sorted(os.listdir(tmp_path))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(ValueError, match="must not be empty"):
+            Safe.open("")
+    finally:
+        os.chdir(cwd)
+    assert sorted(os.listdir(tmp_path)) == before, "nothing created in the current directory"
+
+
+def test_an_iterator_started_before_close_raises_at_once_after_it(tmp_path: Path) -> None:
+    """Not the rest of its batch: the next item after close() raises SafeClosedError."""
+    safe = Safe.open(tmp_path / "s")
+    safe.update({f"k{i:03d}": i for i in range(50)})  # one batch
+    walk = iter(safe)
+    assert next(walk) == "k000"
+    safe.close()
+    with pytest.raises(SafeClosedError):
+        next(walk)
