@@ -108,14 +108,16 @@ def test_an_idle_open_safe_takes_a_few_mib_and_twenty_take_twenty_times_that(
     try:
         for s in safes:
             s["counter"] = 1
-        sizes = [disk_bytes(s.path) for s in safes]
         figures = safes[0].stats()
+        # After stats(): a reservation only grows while open, and the maintenance thread may
+        # grow it at any moment, so the directory measured now holds what stats() reported.
+        sizes = [disk_bytes(s.path) for s in safes]
     finally:
         for s in safes:
             s.close()
     print(f"\nidle open safe: {max(sizes) / MiB:.2f} MiB on disk; 20 safes {sum(sizes) / MiB:.1f}")
     assert max(sizes) <= 8 * MiB, f"an idle safe takes {max(sizes) / MiB:.1f} MiB"
-    assert 0 < figures["region_bytes"] <= max(sizes)
+    assert 0 < figures["region_bytes"] <= sizes[0]
     assert figures["cache_max_bytes"] >= 32 * MiB  # the default cache, only reserved as used
     # Closed, a safe keeps its regions (they are reused by the next opening): the same size.
     assert max(disk_bytes(s.path) for s in safes) <= 8 * MiB
