@@ -37,6 +37,7 @@ __all__ = [
     "Application",
     "BadInput",
     "Response",
+    "describe",
     "error_response",
     "needs_recovery",
     "parse_arguments",
@@ -62,6 +63,15 @@ def error_response(
     text = f"{exc_type}: {message}".encode(errors="replace").decode()
     body = json.dumps({"error": text}, ensure_ascii=False).encode()
     return Response(status, body, fatal, allow=allow)
+
+
+def describe(e: BaseException) -> str:
+    """`str(e)`, or a placeholder when the exception's own `__str__` raises: a module's
+    exception must be answered whatever it is made of."""
+    try:
+        return str(e)
+    except Exception:  # noqa: BLE001 - any failure of its __str__
+        return f"<{type(e).__name__} whose str() failed>"
 
 
 def needs_recovery(e: BaseException) -> bool:
@@ -166,13 +176,14 @@ class Application:
         except BaseException as e:  # noqa: BLE001 - whatever a module raises is answered:
             # sys.exit(), KeyboardInterrupt or GeneratorExit from a module must not end the
             # serving thread (the worker would go on with one thread fewer).
+            message = describe(e)
             if needs_recovery(e):
-                logger.error("%s.%s: %s: %s", module, function, type(e).__name__, e)
-                return error_response(503, type(e).__name__, str(e), fatal=True)
+                logger.error("%s.%s: %s: %s", module, function, type(e).__name__, message)
+                return error_response(503, type(e).__name__, message, fatal=True)
             logger.warning(
-                "%s.%s raised %s: %s", module, function, type(e).__name__, e, exc_info=True
+                "%s.%s raised %s: %s", module, function, type(e).__name__, message, exc_info=True
             )
-            return error_response(500, type(e).__name__, str(e))
+            return error_response(500, type(e).__name__, message)
         return _answer(module, function, result)
 
 

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import Protocol
 
-from .app import Application, Response, error_response, needs_recovery
+from .app import Application, Response, describe, error_response, needs_recovery
 from .balance import MAX_DEFER, Balance
 from .http import CONTINUE, HttpError, Request, find_head_end, parse_head, serialize
 from .logs import logger
@@ -76,6 +76,7 @@ LINGER = 2.0  # after an error answer, how long the client's remaining input is 
 SWEEP = 0.2  # seconds between deadline sweeps: the precision of every timeout
 FATAL_SEND_TIMEOUT = 5.0  # the last answer of a worker that exits for recovery
 READ_SIZE = 65536
+FRESH = 1.0  # s after its accept during which a connection that sent nothing is not evicted
 STICKY_MS = 2  # how long a thread waits for a keep-alive connection's next request
 SMALL_BODY = 65536  # bodies up to this size are read without counting against BODY_BUDGET
 BODY_BUDGET = 64 << 20  # bytes of large bodies a worker reads at once (at least 2 x max_body)
@@ -84,6 +85,7 @@ _IN = select.EPOLLIN | select.EPOLLONESHOT
 _OUT = select.EPOLLOUT | select.EPOLLONESHOT
 
 IDLE, READING, ACTIVE, WRITING, LINGERING = "idle", "reading", "active", "writing", "lingering"
+QUEUED = "queued"  # complete, waiting for a thread (counted as active in the figures)
 # Hand-backs through the queue: what the loop must do with a connection a thread gives back.
 _SEND_REST, _CLOSE, _PARSE_MORE = "send-rest", "close", "parse-more"
 
@@ -105,6 +107,7 @@ class Limits:
 
 class _Conn:
     __slots__ = (
+        "accepted",
         "buf",
         "closed",
         "deadline",
@@ -115,6 +118,7 @@ class _Conn:
         "out",
         "request",
         "reserved",
+        "served",
         "sock",
         "state",
     )
@@ -131,6 +135,8 @@ class _Conn:
         self.head_only = False
         self.closed = False
         self.eof = False  # the client closed its side (seen by a thread)
+        self.accepted = time.monotonic()
+        self.served = False  # answered at least once: idle now means between requests
         self.reserved = 0  # bytes of BODY_BUDGET this connection's body holds
 
 
@@ -173,6 +179,7 @@ class Server:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_pending = False
         self._stopping = False
+        self._stop_at = float("inf")  # when stop() was called
         self._abort = False  # join's deadline passed: the loop leaves at once
         self._listening = False
         self._resume_listening = 0.0  # after EMFILE: when to try accepting again
@@ -197,6 +204,8 @@ class Server:
 
     def stop(self) -> None:
         """Stop accepting; idle connections close, requests in flight finish. Idempotent."""
+        if not self._stopping:
+            self._stop_at = time.monotonic()
         self._stopping = True
         self._wake(force=True)
 
@@ -220,7 +229,8 @@ class Server:
         counts = dict.fromkeys((IDLE, READING, ACTIVE, WRITING), 0)
         for conn in list(self._conns.values()):
             # A lingering connection is an error answer on its way out, as a user sees it.
-            counts[WRITING if conn.state == LINGERING else conn.state] += 1
+            state = {LINGERING: WRITING, QUEUED: ACTIVE}.get(conn.state, conn.state)
+            counts[state] += 1
         return counts
 
     # -- the loop ----------------------------------------------------------------------------
@@ -279,7 +289,7 @@ class Server:
         """A connection is pending: take it, unless less loaded workers should (balance.py),
         or this worker is full with nothing to close: a sibling with room should take it
         rather than this worker answering 503 (it does after MAX_DEFER)."""
-        full = len(self._conns) >= self._limits.max_connections and self._evictable() is None
+        full = len(self._conns) >= self._limits.max_connections and not self._evictable()
         if full or (self._balance is not None and not self._balance.fair(self._slot)):
             now = time.monotonic()
             if now - self._deferred_since > 5 * MAX_DEFER:  # a new wait, not the last one's
@@ -330,23 +340,37 @@ class Server:
                 ),
             )
 
-    def _evictable(self) -> _Conn | None:
-        """The connection to close for room: a lingering one, else the longest idle."""
-        oldest: _Conn | None = None
-        for conn in self._conns.values():
-            if conn.state == LINGERING:
-                return conn
-            if conn.state == IDLE and (oldest is None or conn.deadline < oldest.deadline):
-                oldest = conn
-        return oldest
+    def _evictable(self) -> list[_Conn]:
+        """Connections that may be closed for room, in the order to close them: lingering
+        ones (already answered), then idle ones that have been answered at least once or
+        accepted more than FRESH seconds ago, longest idle first. A connection just accepted
+        is idle too, but its request may be in the kernel unread: closing it would reset the
+        client and lose the request, where a 503 answers it."""
+        now = time.monotonic()
+        lingering = [c for c in self._conns.values() if c.state == LINGERING]
+        idle = [
+            c
+            for c in self._conns.values()
+            if c.state == IDLE and (c.served or now - c.accepted > FRESH)
+        ]
+        idle.sort(key=lambda c: c.deadline)
+        return lingering + idle
 
     def _make_room(self) -> bool:
-        """Close the connection `_evictable` names; False if there is none."""
-        conn = self._evictable()
-        if conn is None:
-            return False
-        self._close(conn)
-        return True
+        """Close the first connection `_evictable` names that has no bytes waiting (a
+        request arriving makes it busy, not idle); False if there is none."""
+        for conn in self._evictable():
+            if conn.state == IDLE:
+                try:
+                    if conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                        continue
+                except (BlockingIOError, InterruptedError):
+                    pass  # nothing waiting: idle indeed
+                except OSError:
+                    pass  # reset: closing it loses nothing
+            self._close(conn)
+            return True
+        return False
 
     def _on_event(self, conn: _Conn, mask: int) -> None:
         if conn.state == WRITING:
@@ -427,10 +451,8 @@ class Server:
         del buf[: request.body_length]
         self._release(conn)
         conn.request = None
-        conn.state = ACTIVE
-        conn.deadline = float("inf")
-        with self._running_lock:
-            self._running += 1
+        conn.state = QUEUED
+        conn.deadline = time.monotonic() + self._limits.request_timeout
         self._jobs.put((conn, request, body))
 
     def _reserve(self, conn: _Conn, request: Request) -> bool:
@@ -477,6 +499,8 @@ class Server:
     def _fail(self, conn: _Conn, response: Response) -> None:
         """Answer an error the loop found itself, then close (lingering)."""
         self._metrics.observe("", "", response.status, 0.0)
+        if conn.reserved:
+            self._release(conn)  # its body will not be read: let a parked one read
         data = serialize(response, "HTTP/1.1", keep_alive=False, head_only=False)
         conn.state = WRITING
         conn.request = None
@@ -568,18 +592,29 @@ class Server:
                 self._advance(conn)
         if self._stopping:
             self._listen(False)
-            now = time.monotonic()
-            for conn in list(self._conns.values()):
-                if conn.state == IDLE:
-                    conn.deadline = min(conn.deadline, now + STOP_GRACE)
-                elif conn.state == READING:
-                    conn.deadline = min(conn.deadline, now + STOP_READ_GRACE)
+            self._clamp_for_stop()
 
     def _sweep(self, now: float) -> None:
+        if self._stopping:
+            self._clamp_for_stop()
         for conn in list(self._conns.values()):
             if conn.deadline > now or conn.closed:
                 continue
-            if conn.state == READING and self._stopping:
+            if conn.state == QUEUED:
+                with self._closing:  # a thread may be claiming it this very moment (_work)
+                    if conn.state != QUEUED:
+                        continue
+                    conn.state = WRITING
+                self._fail(
+                    conn,
+                    error_response(
+                        503,
+                        "ServiceUnavailable",
+                        f"no thread was free for {self._limits.request_timeout:g} s: all "
+                        f"{self._limits.threads} are busy",
+                    ),
+                )
+            elif conn.state == READING and self._stopping:
                 self._fail(
                     conn,
                     error_response(
@@ -598,6 +633,18 @@ class Server:
             elif conn.state != ACTIVE:
                 self._close(conn)
 
+    def _clamp_for_stop(self) -> None:
+        """Once stopping: idle connections get STOP_GRACE from the stop, requests still
+        arriving STOP_READ_GRACE. Applied at every sweep, not once: a thread may hand a
+        connection back after the stop with the deadline it chose before."""
+        idle_until = self._stop_at + STOP_GRACE
+        reading_until = self._stop_at + STOP_READ_GRACE
+        for conn in list(self._conns.values()):
+            if conn.state == IDLE and conn.deadline > idle_until:
+                conn.deadline = idle_until
+            elif conn.state == READING and conn.deadline > reading_until:
+                conn.deadline = reading_until
+
     # -- the pool ----------------------------------------------------------------------------
 
     def _work(self) -> None:
@@ -606,6 +653,13 @@ class Server:
             if job is None:
                 return
             conn, request, body = job
+            with self._closing:  # the loop may have answered it 503 after its wait (_sweep)
+                if conn.state != QUEUED or conn.closed:
+                    continue
+                conn.state = ACTIVE
+                conn.deadline = float("inf")
+            with self._running_lock:
+                self._running += 1
             try:
                 self._serve(conn, request, body)
             except BaseException:  # noqa: BLE001 - one bad request must not end the thread
@@ -643,6 +697,7 @@ class Server:
             self._give_back(conn, _CLOSE)
             return None
         conn.keep_alive = keep_alive
+        conn.served = True
         if sent < len(data):
             conn.out = memoryview(data)[sent:]
             self._give_back(conn, _SEND_REST)
@@ -670,9 +725,9 @@ class Server:
         bad head, 100-continue) is left to the loop, which owns those rules. None with
         `conn.eof` set: the client closed the connection."""
         buf = conn.buf
+        if self._stopping or not self._jobs.empty():
+            return None  # another connection's request waits for a thread: it goes first
         if not buf:
-            if self._stopping or not self._jobs.empty():
-                return None
             try:
                 poller = select.poll()  # not select(): descriptors go past 1024 here
                 poller.register(conn.fd, select.POLLIN)
@@ -714,7 +769,8 @@ class Server:
         with self._closing:
             if conn.closed:
                 return
-            conn.deadline = time.monotonic() + self._limits.keepalive_timeout
+            grace = STOP_GRACE if self._stopping else self._limits.keepalive_timeout
+            conn.deadline = time.monotonic() + grace
             conn.state = IDLE
             try:
                 self._epoll.modify(conn.fd, _IN)
@@ -764,6 +820,6 @@ class Server:
         except BaseException as e:  # noqa: BLE001 - answered, and the worker serves on
             if needs_recovery(e):
                 logger.error("%s: %s: %s", path, type(e).__name__, e)
-                return error_response(503, type(e).__name__, str(e), fatal=True)
+                return error_response(503, type(e).__name__, describe(e), fatal=True)
             logger.warning("%s failed: %s: %s", path, type(e).__name__, e, exc_info=True)
-            return error_response(500, type(e).__name__, str(e))
+            return error_response(500, type(e).__name__, describe(e))
