@@ -144,7 +144,12 @@ def parse_head(head: bytes) -> Request:
 
 def serialize(response: Response, version: str, *, keep_alive: bool, head_only: bool) -> bytes:
     """The response's bytes: status line, headers, and the body unless `head_only` (HEAD)."""
-    status = HTTPStatus(response.status)
+    status_line = _STATUS_LINES.get(response.status)
+    if status_line is None:
+        status = HTTPStatus(response.status)
+        status_line = _STATUS_LINES[response.status] = (
+            f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+        )
     extra = ""
     if response.allow is not None:
         extra += f"Allow: {response.allow}\r\n"
@@ -153,7 +158,7 @@ def serialize(response: Response, version: str, *, keep_alive: bool, head_only: 
     elif version == "HTTP/1.0":
         extra += "Connection: keep-alive\r\n"
     head = (
-        f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+        f"{status_line}"
         f"Content-Type: {response.content_type}\r\n"
         f"Content-Length: {len(response.body)}\r\n"
         f"{extra}\r\n"
@@ -162,6 +167,7 @@ def serialize(response: Response, version: str, *, keep_alive: bool, head_only: 
 
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_STATUS_LINES: dict[int, str] = {}  # "HTTP/1.1 200 OK\r\n" by code: HTTPStatus() costs a lookup
 
 
 def _show(raw: bytes) -> str:

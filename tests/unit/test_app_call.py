@@ -134,3 +134,49 @@ def test_a_result_json_cannot_carry_is_500(app: Application, function: str, says
     assert r.status == 500, answer(r)
     assert says in answer(r)["error"], answer(r)
     assert f"result of m.{function}" in answer(r)["error"]
+
+
+def _kw_only(*, a: int, b: int = 2) -> int:
+    return a * b
+
+
+def _var_kw(a: int, **rest: object) -> int:
+    return a + len(rest)
+
+
+def _pos_only(a: int, /, b: int = 0) -> int:
+    return a - b
+
+
+def _var_pos(*args: int) -> int:
+    return sum(args)
+
+
+@pytest.mark.parametrize(
+    ("fn", "body", "status", "result"),
+    [
+        (_kw_only, {"a": 3}, 200, 6),
+        (_kw_only, {"a": 3, "b": 3}, 200, 9),
+        (_kw_only, {"b": 3}, 400, None),  # a required keyword missing
+        (_kw_only, {"a": 1, "c": 1}, 400, None),  # an unknown keyword
+        (_var_kw, {"a": 1, "x": 1, "y": 2}, 200, 3),
+        (_var_kw, {"x": 1}, 400, None),
+        (_pos_only, {"b": 1}, 400, None),  # `a` cannot be given by keyword
+        (_pos_only, {"a": 1}, 400, None),
+        (_var_pos, {}, 200, 0),
+        (_var_pos, {"args": [1]}, 400, None),
+    ],
+)
+def test_arguments_fit_every_kind_of_signature_as_bind_would_say(
+    fn: Any, body: dict[str, object], status: int, result: object
+) -> None:
+    """The fast check of keyword arguments agrees with `inspect.Signature.bind` whatever the
+    parameters' kinds, and a 400 says why in bind's words."""
+    module = types.ModuleType("sig")
+    app = Application({"sig": AppModule("sig", Path("sig.py"), module, {"f": fn})})
+    answer = app.call("sig", "f", json.dumps(body).encode())
+    assert answer.status == status, answer
+    if status == 200:
+        assert json.loads(answer.body) == {"result": result}
+    else:
+        assert json.loads(answer.body)["error"].startswith("TypeError: sig.f(): "), answer

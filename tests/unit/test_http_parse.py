@@ -122,6 +122,7 @@ def test_serialize_head_only_keeps_the_length_and_drops_the_body() -> None:
         b'{"v": "s\\ud800"}',
         b'{"v": [{"deep": ["\\udfff"]}]}',
         b'{"k\\ud800": 1}',
+        b'{"v": "\xed\xa0\x80"}',  # a surrogate's UTF-8 bytes, no escape: json.loads lets it in
     ],
 )
 def test_input_no_answer_could_carry_is_refused(body: bytes) -> None:
