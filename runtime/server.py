@@ -77,7 +77,7 @@ SWEEP = 0.2  # seconds between deadline sweeps: the precision of every timeout
 FATAL_SEND_TIMEOUT = 5.0  # the last answer of a worker that exits for recovery
 READ_SIZE = 65536
 FRESH = 1.0  # s after its accept during which a connection that sent nothing is not evicted
-STICKY_MS = 2  # how long a thread waits for a keep-alive connection's next request
+STICKY_MS = 5  # how long a thread waits for a keep-alive connection's next request
 SMALL_BODY = 65536  # bodies up to this size are read without counting against BODY_BUDGET
 BODY_BUDGET = 64 << 20  # bytes of large bodies a worker reads at once (at least 2 x max_body)
 
@@ -721,7 +721,8 @@ class Server:
         no other request is waiting for a thread: a keep-alive client usually sends its next
         request as soon as it has the answer, and taking it here spares the hand-back to the
         loop and back to a thread (two thread switches, measured 10-20 % of durable-write
-        throughput at 4 x 8 with 32 clients). Anything unusual (a large body, a partial or
+        throughput at 4 x 8 with 32 clients; with 2 cores shared by the clients, a wait of
+        2 ms missed often enough to cost writes 5-10 % against 5 ms). Anything unusual (a large body, a partial or
         bad head, 100-continue) is left to the loop, which owns those rules. None with
         `conn.eof` set: the client closed the connection."""
         buf = conn.buf
