@@ -722,9 +722,9 @@ class Server:
         request as soon as it has the answer, and taking it here spares the hand-back to the
         loop and back to a thread (two thread switches, measured 10-20 % of durable-write
         throughput at 4 x 8 with 32 clients; with 2 cores shared by the clients, a wait of
-        2 ms missed often enough to cost writes 5-10 % against 5 ms). Anything unusual (a large body, a partial or
-        bad head, 100-continue) is left to the loop, which owns those rules. None with
-        `conn.eof` set: the client closed the connection."""
+        2 ms missed often enough to cost writes 5-10 % against 5 ms). Anything unusual (a
+        large body, a partial or bad head, 100-continue) is left to the loop, which owns those
+        rules. None with `conn.eof` set: the client closed the connection."""
         buf = conn.buf
         if self._stopping or not self._jobs.empty():
             return None  # another connection's request waits for a thread: it goes first

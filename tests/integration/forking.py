@@ -1,5 +1,6 @@
-"""Forking helpers for the queue and expiry tests (after tests/integration/
-test_safe_processes.py): children end in os._exit, every wait is bounded."""
+"""Forking helpers for the tests that share a safe between real processes: children end in
+os._exit (a child returning into pytest's frames would run the parent's code twice), every wait
+is bounded and a child alive past its bound counts as hung."""
 
 from __future__ import annotations
 

@@ -19,15 +19,14 @@ import os
 import pickle
 import signal
 import subprocess
-import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from berkeleydb import db
+from forking import fork, wait
 from pmnc.safe import Safe, SafeNoSpaceError, recover, verify
 
 MiB = 1 << 20
@@ -51,35 +50,6 @@ def unbacked(path: Path) -> list[str]:
             if st.st_blocks * 512 < st.st_size:
                 out.append(f"{region.name}: {st.st_size} bytes, {st.st_blocks * 512} backed")
     return out
-
-
-def fork(fn: Callable[[], None], errors: Path) -> int:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn()
-            code = 0
-        except BaseException:
-            with open(errors, "a") as f:
-                f.write(f"[pid {os.getpid()}] {traceback.format_exc()}\n")
-        finally:
-            os._exit(code)
-    return pid
-
-
-def wait(pid: int, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    pytest.fail(f"child {pid} still running after {timeout} s: hung")
 
 
 @pytest.fixture

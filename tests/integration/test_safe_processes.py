@@ -17,11 +17,10 @@ import sys
 import textwrap
 import threading
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from forking import assert_children_ok, fork, wait
 from pmnc.safe import (
     Safe,
     SafeError,
@@ -31,43 +30,6 @@ from pmnc.safe import (
     users,
     verify,
 )
-
-
-def fork(fn: Callable[[], None], errors: Path) -> int:
-    """Run `fn` in a forked child; an exception is written to `errors` and exits 1."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn()
-            code = 0
-        except BaseException:
-            with open(errors, "a") as f:
-                f.write(f"[pid {os.getpid()}] {traceback.format_exc()}\n")
-        finally:
-            os._exit(code)
-    return pid
-
-
-def wait(pid: int, timeout: float) -> int:
-    """The child's exit code; fails the test (after killing it) if it outlives `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    pytest.fail(f"child {pid} still alive after {timeout} s: hung")
-
-
-def assert_children_ok(pids: list[int], errors: Path, timeout: float = 60) -> None:
-    codes = [wait(pid, timeout) for pid in pids]
-    report = errors.read_text() if errors.exists() else ""
-    assert codes == [0] * len(pids), report
 
 
 def test_forked_and_independent_processes_see_each_others_returned_writes(tmp_path: Path) -> None:
