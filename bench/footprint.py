@@ -155,7 +155,7 @@ def measure(base: Path, payload_mib: float, progress: Any = report.progress) -> 
         n = idle(store, base / f"idle-{name}")
         idle_pmnc = n if name == "pmnc" else idle_pmnc
         rows.append([name, f"{n / MiB:.2f} MiB"])
-    lines += _table(rows)
+    lines += report.columns(rows)
     lines += [
         "",
         "== footprint: bytes on disk per payload byte (data file / whole directory) ==",
@@ -178,7 +178,7 @@ def measure(base: Path, payload_mib: float, progress: Any = report.progress) -> 
             row.append(f"{data:.2f} / {total:.2f}")
             shutil.rmtree(where, ignore_errors=True)
         rows.append(row)
-    lines += _table(rows)
+    lines += report.columns(rows)
     if missing:
         lines.append(f"not measured (not installed): {', '.join(missing)}")
     return lines
@@ -204,18 +204,7 @@ def ratios(base: Path, duration: float, rounds: int, prefill: int) -> list[str]:
                     report.progress(f"ratios: {name} {op} {p}x{t} {cell.ops_per_s:,.0f}/s")
             ours, raw = (sorted(v)[(len(v) - 1) // 2] for v in rates.values())
             rows.append([op, f"{p}x{t}", f"{ours:,.0f}", f"{raw:,.0f}", f"{ours / raw:.2f}x"])
-    return lines + _table(rows)
-
-
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in rows
-    ]
+    return lines + report.columns(rows)
 
 
 def main(argv: list[str]) -> int:

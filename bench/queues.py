@@ -374,17 +374,6 @@ def purge_effect(base: Path, seconds: float, backlog: int = 20000) -> list[list[
     return rows
 
 
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in rows
-    ]
-
-
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="./dev bench queues", description=__doc__)
     ap.add_argument("--dir", type=Path, default=ROOT / "bench-results" / "tmp")
@@ -409,7 +398,7 @@ def main(argv: list[str]) -> int:
                     take = f"{r['take']:,.0f}" if "take" in r else "-"
                     rows.append([kind, f"{procs}x{threads}", f"{r['put']:,.0f}", take])
                     print(f"queues: {kind} {procs}x{threads} {rows[-1][2:]}", flush=True)
-            lines += ["", *_table(rows)]
+            lines += ["", *report.columns(rows)]
         if "latency" in parts:
             rows = [["put -> delivery, across processes", "p50 ms", "p99 ms"]]
             for kind in ("pmnc queue", "diskcache Deque", "Safe polling"):
@@ -417,12 +406,12 @@ def main(argv: list[str]) -> int:
                 name = kind if kind == "pmnc queue" else f"{kind} (sleep {args.poll:g} s)"
                 rows.append([name, f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}"])
                 print(f"queues: latency {rows[-1]}", flush=True)
-            lines += ["", *_table(rows)]
+            lines += ["", *report.columns(rows)]
         if "access" in parts:
-            lines += ["", *_table(access_methods(base, args.seconds))]
+            lines += ["", *report.columns(access_methods(base, args.seconds))]
         if "ttl" in parts:
-            lines += ["", *_table(ttl_cost(base, args.seconds))]
-            lines += ["", *_table(purge_effect(base, args.seconds))]
+            lines += ["", *report.columns(ttl_cost(base, args.seconds))]
+            lines += ["", *report.columns(purge_effect(base, args.seconds))]
     finally:
         shutil.rmtree(base, ignore_errors=True)
     lines += ["", f"total time {time.monotonic() - started:.0f} s"]

@@ -191,6 +191,18 @@ def _notes(r: CellResult) -> str:
     return "; ".join(parts)
 
 
+def columns(rows: list[list[str]]) -> list[str]:
+    """Rows as aligned text columns: the first left-aligned, the figures right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
+
+
 def tables(results: Sequence[CellResult], ops: Sequence[str], configs: Sequence[str]) -> list[str]:
     index = {(r.store, r.op, r.config): r for r in results}
     lines: list[str] = []
