@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Node, free_port, write_config
+from helpers import DISK_FULL_NOT_RUN, Node, free_port, write_config
 
 
 @pytest.fixture
@@ -30,8 +30,10 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., Node]]:
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Say loudly, in the run's summary, that the disk-full tests were skipped: a run without
-    root passes without them (tests/stress/test_disk_full.py)."""
-    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "test_disk_full" in r.nodeid]
+    root passes without them (every test that needs `helpers.small_tmpfs`)."""
+    skipped = [
+        r for r in terminalreporter.stats.get("skipped", []) if DISK_FULL_NOT_RUN in str(r.longrepr)
+    ]
     if skipped:
         terminalreporter.write_line(
             f"WARNING: {len(skipped)} disk-full test(s) skipped: they need root to mount a "

@@ -9,12 +9,15 @@ several tests share. Every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pmnc.runtime import harness
 from pmnc.runtime.harness import free_port, pmnc_runtime, worker_pids, write_config
 
@@ -22,6 +25,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "modules"
 
 
 __all__ = [
+    "DISK_FULL_NOT_RUN",
     "EXAMPLES",
     "STARTED",
     "Client",
@@ -30,6 +34,7 @@ __all__ = [
     "free_port",
     "increment_concurrently",
     "once",
+    "small_tmpfs",
     "wait_gone",
     "wait_serving",
     "wait_started",
@@ -46,6 +51,36 @@ def write_modules(directory: Path, modules: dict[str, str]) -> Path:
     for name, source in modules.items():
         (directory / f"{name}.py").write_text(textwrap.dedent(source))
     return directory
+
+
+# Said on skipping, and again at the end of the run by tests/conftest.py (so `./dev test` shows
+# it): without root the disk-full tests do not run, and a run without them has not proven disk
+# full (no SIGBUS, SafeNoSpaceError, reads going on).
+DISK_FULL_NOT_RUN = "DISK-FULL TESTS NOT RUN (mounting a size-limited tmpfs needs root)"
+
+
+@contextlib.contextmanager
+def small_tmpfs(directory: Path, mib: int) -> Iterator[Path]:
+    """A tmpfs of `mib` MiB mounted at `directory` (made here) for the block, or the test
+    skipped saying DISK_FULL_NOT_RUN; unmounted lazily after, so that a straggling process
+    cannot keep it busy."""
+    directory.mkdir()
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(directory)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"{DISK_FULL_NOT_RUN}: cannot mount a tmpfs: {e}")
+    if done.returncode != 0:
+        pytest.skip(f"{DISK_FULL_NOT_RUN}: {done.stderr.strip() or done.returncode}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], timeout=30, check=False)
 
 
 class Node(harness.NodeProcess):

@@ -21,12 +21,12 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
 from berkeleydb import db
+from forking import fork
 from pmnc.safe import Safe, verify
 
 # Shared by every experiment: pmnc's environment flags (safe/env.py ENV_FLAGS) and helpers.
@@ -542,22 +542,15 @@ done(written=written, after=logs())
 
 def _nosync_writer(path: Path, acks: Path, errors: Path) -> int:
     """Fork a child writing unique keys with durable=False, logging each returned write."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fd = os.open(acks, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            with Safe.open(path, recover=False, durable=False) as s:
-                for i in range(10_000_000):
-                    s[f"k{i}"] = i
-                    os.write(fd, f"k{i}\n".encode())
-        except BaseException:
-            errors.write_text(traceback.format_exc())
-        finally:
-            os._exit(code)
-    return pid
+
+    def write() -> None:
+        fd = os.open(acks, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with Safe.open(path, recover=False, durable=False) as s:
+            for i in range(10_000_000):
+                s[f"k{i}"] = i
+                os.write(fd, f"k{i}\n".encode())
+
+    return fork(write, errors)
 
 
 def test_a_write_nosync_commit_survives_kill_9_of_its_process(tmp_path: Path) -> None:

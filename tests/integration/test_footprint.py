@@ -18,7 +18,6 @@ import contextlib
 import os
 import pickle
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 from berkeleydb import db
 from forking import fork, wait
+from helpers import small_tmpfs
 from pmnc.safe import Safe, SafeNoSpaceError, recover, verify
 
 MiB = 1 << 20
@@ -55,20 +55,8 @@ def unbacked(path: Path) -> list[str]:
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 96 MiB tmpfs mounted for the test (needs root and mount privileges)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "mnt", 96) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_an_idle_open_safe_takes_a_few_mib_and_twenty_take_twenty_times_that(

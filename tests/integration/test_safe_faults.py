@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import small_tmpfs
 from pmnc.safe import (
     Safe,
     SafeCorruptError,
@@ -26,20 +27,8 @@ from pmnc.safe import (
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 128 MiB tmpfs mounted for the test (needs root and mount privileges)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "mnt", 128) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _free(path: Path) -> int:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Client, Node, worker_pids, write_modules
+from helpers import Client, Node, small_tmpfs, worker_pids, write_modules
 from pmnc.safe import Safe, verify
 
 pytestmark = pytest.mark.stress
@@ -35,33 +34,11 @@ def get(key):
 """
 
 
-# Said on skipping, and again at the end of the run by tests/conftest.py (so `./dev test` shows
-# it): without root these tests do not run, and a run without them has not proven disk full.
-DISK_FULL_NOT_RUN = "DISK-FULL TESTS NOT RUN (mounting a size-limited tmpfs needs root)"
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={SIZE_MIB}m", "tmpfs", str(mount)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"{DISK_FULL_NOT_RUN}: cannot mount a tmpfs: {e}")
-    if done.returncode != 0:
-        pytest.skip(f"{DISK_FULL_NOT_RUN}: {done.stderr.strip() or done.returncode}")
-    try:
+    # Requested before node_factory, so torn down after it has killed the node.
+    with small_tmpfs(tmp_path / "disk", SIZE_MIB) as mount:
         yield mount
-    finally:
-        # Requested before node_factory, so torn down after it has killed the node; lazy all
-        # the same, so that a straggler cannot keep the mount busy.
-        subprocess.run(["umount", "-l", str(mount)], timeout=30, check=False)
 
 
 def fill(path: Path, leave: int) -> int:
