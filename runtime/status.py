@@ -60,6 +60,7 @@ __all__ = [
     "Reporter",
     "aggregate",
     "cage_status",
+    "human_size",
     "read_cage",
     "read_json",
     "render",
@@ -373,7 +374,7 @@ def render(status: Mapping[str, Any]) -> str:
                 str(w.get("requests", 0)),
                 str(w["responses"].get("4xx", 0)),
                 str(w["responses"].get("5xx", 0)),
-                _size(w.get("rss_bytes")),
+                human_size(w.get("rss_bytes")),
                 "yes" if w.get("ready") else "no",
                 "none yet" if age is None else f"{age:.1f} s ago",
             ]
@@ -396,8 +397,8 @@ def render(status: Mapping[str, Any]) -> str:
                 str(sum(s["ops"].values())),
                 str(s["retries"]),
                 str(sum(s["errors"].values())),
-                _size(s.get("log_bytes")),
-                _size(s.get("region_bytes")),
+                human_size(s.get("log_bytes")),
+                human_size(s.get("region_bytes")),
                 "never" if age is None else f"{_duration(age)} ago",
                 "-" if ratio is None else f"{100 * ratio:.1f}%",
             ]
@@ -450,7 +451,8 @@ def _duration(seconds: float | None) -> str:
     return f"{hours // 24}d{hours % 24:02d}h"
 
 
-def _size(n: int | None) -> str:
+def human_size(n: int | None) -> str:
+    """Bytes as the status tables and `safe list` show them ("-" for unknown)."""
     if n is None:
         return "-"
     size = float(n)

@@ -39,7 +39,7 @@ from pmnc.safe import restore as safe_restore
 from pmnc.safe import users as safe_users
 from pmnc.safe import verify as safe_verify
 
-from ..status import rss_bytes
+from ..status import human_size, rss_bytes
 from . import dumpfile, unpickle
 from .progress import Progress
 
@@ -224,15 +224,6 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def _log_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("log.*") if p.name[4:].isdigit() and p.is_file())
 
@@ -263,7 +254,7 @@ def _region_bytes(path: Path) -> int:
 def _rss(pids: list[int]) -> str:
     """Each user's resident set, in the USERS column's order ("-" where /proc cannot say)."""
     sizes = [rss_bytes(pid) for pid in pids]
-    return ",".join("-" if n is None else _size(n).replace(" ", "") for n in sizes)
+    return ",".join(human_size(n).replace(" ", "") for n in sizes)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -279,9 +270,9 @@ def _list(args: argparse.Namespace) -> int:
     now = time.time()
     for path in _safes_under(Path(args.data_dir)):
         pids = safe_users(path)  # before opening: our own opening would count as a user
-        data = _size((path / DATA_FILE).stat().st_size)
-        log = _size(_log_bytes(path))
-        regions = _size(_region_bytes(path))
+        data = human_size((path / DATA_FILE).stat().st_size)
+        log = human_size(_log_bytes(path))
+        regions = human_size(_region_bytes(path))
         try:
             with _opened(path, checkpoint_interval=3600) as safe:
                 keys = str(len(safe))
