@@ -440,9 +440,8 @@ class Server:
             conn.request = request
             if len(buf) < request.body_length and not self._reserve(conn, request):
                 return  # parked: reading resumes when bodies in memory shrink
-            if request.expect_continue and len(buf) < request.body_length:
-                with contextlib.suppress(OSError):  # 25 bytes into an empty send buffer
-                    conn.sock.send(CONTINUE)
+            if len(buf) < request.body_length:
+                self._send_continue(conn, request)
         request = conn.request
         if len(buf) < request.body_length:
             self._arm(conn, _IN)
@@ -460,13 +459,18 @@ class Server:
         (not armed for input: the client's bytes wait in the kernel, TCP pushes back) when
         the bodies being read would pass it. Small bodies are never parked, and one body is
         always let through, so the budget bounds memory without refusing anything."""
-        if request.body_length <= SMALL_BODY:
+        if request.body_length <= SMALL_BODY or self._take_budget(conn, request.body_length):
             return True
-        if self._reserved and self._reserved + request.body_length > self._body_budget:
-            self._parked.append(conn)
+        self._parked.append(conn)
+        return False
+
+    def _take_budget(self, conn: _Conn, length: int) -> bool:
+        """Count `length` bytes of body against BODY_BUDGET; False if they do not fit (the
+        first body always fits, however large: a budget must never refuse a request)."""
+        if self._reserved and self._reserved + length > self._body_budget:
             return False
-        self._reserved += request.body_length
-        conn.reserved = request.body_length
+        self._reserved += length
+        conn.reserved = length
         return True
 
     def _release(self, conn: _Conn) -> None:
@@ -480,15 +484,18 @@ class Server:
             if waiting.closed or waiting.state != READING or request is None:
                 self._parked.popleft()  # cut by its deadline meanwhile
                 continue
-            if self._reserved and self._reserved + request.body_length > self._body_budget:
+            if not self._take_budget(waiting, request.body_length):
                 return
             self._parked.popleft()
-            self._reserved += request.body_length
-            waiting.reserved = request.body_length
-            if request.expect_continue:
-                with contextlib.suppress(OSError):
-                    waiting.sock.send(CONTINUE)
+            self._send_continue(waiting, request)
             self._arm(waiting, _IN)
+
+    @staticmethod
+    def _send_continue(conn: _Conn, request: Request) -> None:
+        """`100 Continue` to a client that waits for it before sending its body."""
+        if request.expect_continue:
+            with contextlib.suppress(OSError):  # 25 bytes into an empty send buffer
+                conn.sock.send(CONTINUE)
 
     def _arm(self, conn: _Conn, events: int) -> None:
         try:
@@ -535,8 +542,12 @@ class Server:
 
     def _idle(self, conn: _Conn) -> None:
         conn.state = IDLE
+        conn.deadline = self._idle_deadline()
+
+    def _idle_deadline(self) -> float:
+        """When a connection that is idle from now on gets closed (either thread)."""
         grace = STOP_GRACE if self._stopping else self._limits.keepalive_timeout
-        conn.deadline = time.monotonic() + grace
+        return time.monotonic() + grace
 
     def _linger(self, conn: _Conn) -> None:
         try:
@@ -770,8 +781,7 @@ class Server:
         with self._closing:
             if conn.closed:
                 return
-            grace = STOP_GRACE if self._stopping else self._limits.keepalive_timeout
-            conn.deadline = time.monotonic() + grace
+            conn.deadline = self._idle_deadline()
             conn.state = IDLE
             try:
                 self._epoll.modify(conn.fd, _IN)
