@@ -48,6 +48,15 @@ def check_ttl(ttl: object) -> float:
     return float(ttl)
 
 
+def check_deadline(expires_at: object) -> float:
+    """`expires_at` as wall-clock seconds (finite, > 0), or ValueError/TypeError."""
+    if isinstance(expires_at, bool) or not isinstance(expires_at, int | float):
+        raise TypeError(f"an expiry time is seconds, got {type(expires_at).__name__}")
+    if not expires_at > 0 or not math.isfinite(expires_at):
+        raise ValueError(f"an expiry time must be > 0 and finite, got {expires_at!r}")
+    return float(expires_at)
+
+
 def wrap(data: bytes, expires_at: float) -> bytes:
     """The stored record of pickle `data` that expires at `expires_at` (wall clock)."""
     return _HEADER.pack(MARK, expires_at) + data
@@ -84,6 +93,15 @@ def drop_index_entry(e: Environment, txn: Any, raw: bytes | None, key: bytes) ->
     """Inside a write of `key` that has read its old record: remove that record's index entry."""
     if raw is not None and raw[0] == MARK:
         e.aux_delete(txn, "expiry", index_key(_TIME.unpack_from(raw, 1)[0], key))
+
+
+def restore(e: Environment, txn: Any, key: bytes, data: bytes, expires: float) -> None:
+    """Inside a write: store pickle `data` at `key` expiring at `expires` (wall clock), with
+    its index entry, dropping the old record's; what `Safe.set` writes, for a given deadline
+    rather than a ttl (a dump loaded back keeps each key's moment of expiry)."""
+    drop_index_entry(e, txn, e.get_rmw(txn, key), key)
+    e.put(txn, key, wrap(data, expires))
+    e.aux_put(txn, "expiry", index_key(expires, key), b"")
 
 
 def purge_step(e: Environment, txn: Any, now: float, limit: int = PURGE_BATCH) -> int:

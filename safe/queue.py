@@ -32,6 +32,7 @@ runs out, or for a 1 s backstop; `queue.Empty` once `timeout` has passed.
 from __future__ import annotations
 
 import functools
+import heapq
 import itertools
 import math
 import os
@@ -40,6 +41,7 @@ import queue as _queue
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +61,7 @@ SHARDS = 16
 MAX_NAME_BYTES = 1024
 WAIT_BACKSTOP_S = 1.0
 _SCAN = 64  # records per cursor step while looking past leased items
+_DUMP_BATCH = 1000  # records per cursor step of `fifo_items`
 _counter = itertools.count()
 _last_ns = 0
 _shards = itertools.count()
@@ -202,6 +205,37 @@ def scan_queue(e: _env.Environment, prefix: bytes) -> tuple[int, int | None, int
         start, inclusive = batch[-1][0], False
 
 
+def _shard_items(
+    e: _env.Environment, options: _env.Options, shard_prefix: bytes
+) -> Iterator[tuple[tuple[int, bytes], bytes]]:
+    """One shard's items as ((put time ns, key), pickle) in key order, a batch per call."""
+    start, inclusive = shard_prefix, True
+    size = len(shard_prefix)
+    while True:
+        scan = functools.partial(
+            e.aux_scan, None, "queues", start, _DUMP_BATCH, inclusive=inclusive
+        )
+        batch = e.call("queue items", options, scan)
+        for key, value in batch:
+            if not key.startswith(shard_prefix):
+                return
+            yield (_ORDER.unpack_from(key, size - 1)[1], key), value[_LEASE.size :]
+        if len(batch) < _DUMP_BATCH:
+            return
+        start, inclusive = batch[-1][0], False
+
+
+def fifo_items(e: _env.Environment, options: _env.Options, prefix: bytes) -> Iterator[bytes]:
+    """Every item's pickle of the queue with key prefix `prefix`, in the order `take` would
+    deliver them if none were leased: by put time across the shards (each shard is already in
+    that order, so the shards are merged, a batch of each at a time, never the whole queue).
+    Leased items are included, as if free. Read without a transaction, like iteration: items
+    put or removed meanwhile may or may not appear."""
+    shards = [_shard_items(e, options, prefix + bytes([shard])) for shard in range(SHARDS)]
+    for _, data in heapq.merge(*shards, key=lambda item: item[0]):
+        yield data
+
+
 def names(e: _env.Environment) -> list[str]:
     """The queues that hold items now, one cursor step per queue."""
     out: list[str] = []
@@ -236,10 +270,13 @@ class Queue:
     def put(self, item: object) -> None:
         """Append `item` (any picklable value); durable when it returns (unless the safe was
         opened with durable=False), and a taker blocked in `get` in any process wakes."""
-        safe = self._safe
         data = pickle.dumps(item, PICKLE_PROTOCOL)
-        if len(data) > safe._max_value_size:
-            safe._too_big(len(data), "pickled ")
+        if len(data) > self._safe._max_value_size:
+            self._safe._too_big(len(data), "pickled ")
+        self._append(data)
+
+    def _append(self, data: bytes) -> None:
+        safe = self._safe
         ns, n = _next_order()
         key = item_key(self._prefix, _thread_shard(), ns, os.getpid(), n)
         value = _LEASE.pack(0.0, 0) + data
@@ -257,6 +294,27 @@ class Queue:
         if options.durable:
             environment.call("queue put", options, environment.log_flush)
         environment.wake().notify()
+
+    def put_raw(self, data: bytes) -> None:
+        """Append an already pickled item (as `raw_items` gives it), e.g. when loading a dump:
+        `put` without the pickling, so nothing is unpickled; the item goes after every item the
+        queue holds (put times order the queue)."""
+        if not isinstance(data, bytes):
+            raise TypeError(f"put_raw takes pickled bytes, got {type(data).__name__}")
+        if not data:
+            raise ValueError(f"{self._safe.path}: put_raw takes a pickle, got b''")
+        if len(data) > self._safe._max_value_size:
+            self._safe._too_big(len(data))
+        self._append(data)
+
+    def raw_items(self) -> Iterator[bytes]:
+        """Every item's pickle, not unpickled, in delivery order (the put times), items being
+        worked on (leased) included as if free: for tools such as `pmnc-runtime safe dump`.
+        Read in batches without a transaction: not a snapshot of a queue in use."""
+        environment = self._safe._environment_for("queue items")
+        if not environment.aux_exists():
+            return iter(())
+        return fifo_items(environment, self._safe._options, self._prefix)
 
     def __len__(self) -> int:
         environment = self._safe._environment_for("queue len")

@@ -674,6 +674,47 @@ class Safe(MutableMapping[str, object]):
         figures["queues"] = {name: self.queue(name).stats() for name in sorted(names)}
         return figures
 
+    # -- raw access with expiry, for dump and load (runtime/cli/safe.py) ---------------------------
+
+    def raw_records(self, prefix: str = "") -> Iterator[tuple[str, bytes, float | None]]:
+        """`raw_items` with each key's expiry: (key, pickle, wall-clock deadline or None).
+
+        Expired keys are left out, as everywhere. Nothing is unpickled.
+        """
+        start = _encode_key(prefix)
+        batch = self._batch(start or None, inclusive=True)
+        while True:
+            now = time.time()
+            for key, stored in batch:
+                if not key.startswith(start):
+                    return
+                live = _live(stored, now)
+                if live is None:
+                    continue
+                yield _decode_key(key), live, _expiry.expires_at(stored)
+            if len(batch) < BATCH:
+                return
+            batch = self._batch(batch[-1][0], inclusive=False)
+
+    def set_raw_until(self, key: str, data: bytes, expires_at: float) -> None:
+        """`set_raw` of a value that expires at `expires_at` (wall-clock seconds, as
+        `raw_records` gives it): the deadline itself, not a ttl, so a key loaded from a dump
+        expires at the moment it would have in the dumped safe (at once if that has passed).
+        One transaction (the value and its expiry index entry), like `set(..., ttl=)`."""
+        if not isinstance(data, bytes):
+            raise TypeError(f"set_raw_until takes pickled bytes, got {type(data).__name__}")
+        if not data or data[0] == _MARK:
+            raise ValueError(f"{self.path}: set_raw_until takes a pickle, got {data[:16]!r}...")
+        deadline = _expiry.check_deadline(expires_at)
+        if len(data) > self._max_value_size:
+            self._too_big(len(data))
+        k = _encode_key(key)
+        self._write(
+            "set",
+            lambda e, txn: _expiry.restore(e, txn, k, data, deadline),
+            len(k) + len(data),
+        )
+
 
 class _ItemsView(ItemsView[str, object]):
     """Items by cursor batches: never a KeyError for a key deleted during the walk."""

@@ -38,6 +38,7 @@ from pmnc.safe import recover as safe_recover
 from pmnc.safe import restore as safe_restore
 from pmnc.safe import users as safe_users
 from pmnc.safe import verify as safe_verify
+from pmnc.safe.queue import Queue
 
 from ..status import human_size, rss_bytes
 from . import dumpfile, unpickle
@@ -340,7 +341,7 @@ def _dump(args: argparse.Namespace) -> int:
     # /dev/stdout is a symlink too: a summary on stdout could land in the dump itself.
     through = not to_stdout and (target.is_symlink() or (target.exists() and not target.is_file()))
     with _opened(path) as safe:
-        total = len(safe)
+        total = len(safe) + sum(len(safe.queue(name)) for name in safe.queues())
         if to_stdout:
             count = _dump_to(safe, sys.stdout.buffer, total, args.progress)
         else:
@@ -353,11 +354,17 @@ def _dump(args: argparse.Namespace) -> int:
                 raise CommandError(target, f"cannot write the dump: {e.strerror or e}") from e
     where = "stdout" if to_stdout else args.output
     summary = sys.stderr if to_stdout or through else sys.stdout
-    print(f"{path}: dumped {count} keys to {where}", file=summary)
+    print(f"{path}: dumped {_what(count)} to {where}", file=summary)
     return OK
 
 
-def _dump_file(safe: Safe, target: Path, total: int, progress: bool) -> int:
+def _what(totals: dumpfile.Totals) -> str:
+    """ "3 keys (1 expiring) and 2 queue items": a dump's or a load's summary."""
+    expiring = f" ({totals.expiring} expiring)" if totals.expiring else ""
+    return f"{totals.keys} keys{expiring} and {totals.items} queue items"
+
+
+def _dump_file(safe: Safe, target: Path, total: int, progress: bool) -> dumpfile.Totals:
     """Dump into a temporary file beside `target`, renamed to it once complete and on disk."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
     try:
@@ -373,7 +380,7 @@ def _dump_file(safe: Safe, target: Path, total: int, progress: bool) -> int:
     return count
 
 
-def _dump_through(safe: Safe, target: Path, total: int, progress: bool) -> int:
+def _dump_through(safe: Safe, target: Path, total: int, progress: bool) -> dumpfile.Totals:
     """Write into what the user named as it is (a device, a FIFO, a symlink's target)."""
     with open(target, "wb") as stream:
         count = _dump_to(safe, stream, total, progress)
@@ -382,22 +389,34 @@ def _dump_through(safe: Safe, target: Path, total: int, progress: bool) -> int:
     return count
 
 
-def _dump_to(safe: Safe, stream: BinaryIO, total: int, progress: bool) -> int:
+def _dump_to(safe: Safe, stream: BinaryIO, total: int, progress: bool) -> dumpfile.Totals:
+    """Keys in key order, each with its expiry (expired ones are left out), then each queue's
+    items in FIFO order, leased ones included (docs/dump-format.md)."""
     writer = dumpfile.DumpWriter(stream)
+    keys = expiring = items = 0
     with Progress("dump", total, enabled=True if progress else None) as bar:
-        for key, raw in safe.raw_items():
-            writer.write(key, raw)
+        for key, raw, expires_at in safe.raw_records():
+            writer.write(key, raw, expires_at)
+            keys += 1
+            expiring += expires_at is not None
             bar.advance()
+        for name in safe.queues():
+            for data in safe.queue(name).raw_items():
+                writer.write_item(name, data)
+                items += 1
+                bar.advance()
     writer.finish()
-    return writer.count
+    return dumpfile.Totals(keys, expiring, items)
 
 
 def _load(args: argparse.Namespace) -> int:
-    """Check the whole dump first (so a damaged one writes nothing), then store its records."""
+    """Check the whole dump first (so a damaged one writes nothing), then store its records:
+    keys replace the safe's (with their expiry time, if any), queue items are appended after
+    the items the queues already hold, in the dump's order (docs/dump-format.md)."""
     path = Path(args.safe)
     with _dump_source(args.file) as stream:
         try:
-            total = dumpfile.check(stream)
+            expected = dumpfile.totals(stream)
         except dumpfile.DumpError as e:
             raise CommandError(args.file, f"refused, nothing loaded: {e}") from None
         stream.seek(0)
@@ -405,22 +424,38 @@ def _load(args: argparse.Namespace) -> int:
         if not fresh and not (path / DATA_FILE).is_file():
             raise CommandError(path, "not a safe, and not a new or empty directory to load into")
         # Non-durable writes with a checkpoint every so often and at the end: one fsync per key
-        # would make a large load crawl, and a load cut short is simply run again.
+        # would make a large load crawl, and a load cut short is simply run again (its queue
+        # items then appended again: docs/dump-format.md).
         with _open(path, durable=False, max_value_size=1 << 40) as safe:
-            loaded = 0
+            keys = expiring = items = 0
+            queues: dict[str, Queue] = {}
             try:
-                with Progress("load", total, enabled=True if args.progress else None) as bar:
-                    for key, raw in dumpfile.records(stream):
-                        safe.set_raw(key, raw)
-                        loaded += 1
+                with Progress("load", expected.records, enabled=args.progress or None) as bar:
+                    for record in dumpfile.records(stream):
+                        if isinstance(record, dumpfile.Item):
+                            q = queues.get(record.queue)
+                            if q is None:
+                                q = queues[record.queue] = safe.queue(record.queue)
+                            q.put_raw(record.value)
+                            items += 1
+                        elif record.expires_at is None:
+                            safe.set_raw(record.key, record.value)
+                            keys += 1
+                        else:
+                            safe.set_raw_until(record.key, record.value, record.expires_at)
+                            keys += 1
+                            expiring += 1
                         bar.advance()
-                        if loaded % LOAD_CHECKPOINT_EVERY == 0:
+                        if (keys + items) % LOAD_CHECKPOINT_EVERY == 0:
                             safe.checkpoint()
                 safe.checkpoint()
             except (SafeError, dumpfile.DumpError) as e:
-                raise CommandError(path, f"load stopped after {loaded} of {total} keys: {e}") from e
+                done = dumpfile.Totals(keys, expiring, items)
+                raise CommandError(
+                    path, f"load stopped after {_what(done)} of {_what(expected)}: {e}"
+                ) from e
             now = len(safe)
-    print(f"{path}: loaded {loaded} keys from {args.file}; the safe has {now} keys")
+    print(f"{path}: loaded {_what(expected)} from {args.file}; the safe has {now} keys")
     return OK
 
 
