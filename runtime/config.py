@@ -9,6 +9,11 @@ throws line numbers away.
 
 Side effects are kept out: `load_config` reads one file and stats directories; binding the HTTP
 ports (`check_ports`) is left to `pmnc-runtime check`.
+
+The optional `replication:` section (`ReplicationConfig`) makes the node one of a group whose
+safes are copies of each other: every safe takes its own port, `replication.address.port + i`
+for the i-th (cage, module) in sorted order (`safe_sites`), on every node of the group, so the
+group's nodes run the same cages and modules, at most MAX_REPLICATED_SAFES of them.
 """
 
 from __future__ import annotations
@@ -29,16 +34,27 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 __all__ = [
+    "ACK_POLICIES",
+    "MAX_REPLICATED_SAFES",
     "CageConfig",
     "ConfigError",
     "HttpAddress",
     "NodeConfig",
+    "PeerConfig",
+    "ReplicationConfig",
     "check_ports",
     "dump_config",
     "load_config",
     "load_config_or_report",
     "locate",
+    "replication_errors",
+    "safe_sites",
 ]
+
+ACK_POLICIES = ("quorum", "all", "one", "none")
+# Each safe of a replicated node listens on its own port, `replication.address.port + i`: two
+# nodes on one machine whose addresses are 100 apart never collide, whatever their modules.
+MAX_REPLICATED_SAFES = 100
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NAME_EXPECTED = "a name of 1 to 64 characters from [A-Za-z0-9_-]"
@@ -142,6 +158,39 @@ class CageConfig:
 
 
 @dataclass(frozen=True)
+class PeerConfig:
+    """Another node of the replication group: where its safes replicate and its cages listen.
+
+    `address` is the base of its replication ports (its safe number i listens on
+    `address.port + i`, as this node's do); `http` maps each of its cages that may be called
+    (`pmnc("<node>.<cage>")`, docs/calls.md) to its HTTP address. A group's nodes run the same
+    cages and modules, so `http` may name only cages this node has.
+    """
+
+    node: str
+    address: HttpAddress
+    # Left out of the hash (a dict has none); compared like every other field.
+    http: Mapping[str, HttpAddress] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    """The node-level `replication:` section: this node's place in a group of nodes whose
+    safes are copies of each other, kept by Berkeley DB's replication manager (repmgr).
+
+    `address` is this node's replication base address (safe number i listens on
+    `address.port + i`, see `safe_sites`); `ack` how many peers must have a write before it
+    returns (one of ACK_POLICIES); `priority` this node's weight in master elections, 0 for a
+    node that must never be master; `peers` every other node of the group (none: a group of one).
+    """
+
+    address: HttpAddress
+    ack: str = "quorum"
+    priority: int = 100
+    peers: tuple[PeerConfig, ...] = ()
+
+
+@dataclass(frozen=True)
 class _Origin:
     """Where a loaded config came from, so later checks can name FILE:LINE like the loader."""
 
@@ -165,6 +214,7 @@ class NodeConfig:
     keepalive_timeout: float = 5.0
     request_timeout: float = 30.0
     max_connections: int = 1024
+    replication: ReplicationConfig | None = None
     _origin: _Origin | None = field(default=None, compare=False, repr=False)
 
     def safe_dir(self, cage: str, module: str) -> Path:
@@ -174,6 +224,11 @@ class NodeConfig:
     def module_names(self, cage: CageConfig) -> list[str]:
         """The cage's application modules: sorted stems of its *.py files, minus private ones."""
         return sorted(p.stem for p in _module_files(cage.modules))
+
+    def safes(self) -> list[tuple[str, str]]:
+        """Every (cage, module) of the node, sorted: a safe's index here is its replication
+        port's offset from `replication.address.port` (`safe_sites`)."""
+        return sorted((cage.name, name) for cage in self.cages for name in self.module_names(cage))
 
 
 def _module_files(directory: Path) -> list[Path]:
@@ -228,6 +283,7 @@ class _Reader:
         self.found: list[tuple[int, str]] = []
         self.lines: dict[str, int] = {}
         self.merged: dict[int, int] = {}  # id(mapping node) -> how many of its entries merged
+        self.cage_names: list[str] = []  # every cage name read, valid cage or not
 
     @property
     def errors(self) -> list[str]:
@@ -397,8 +453,11 @@ _NODE_KEYS = (
     "keepalive_timeout",
     "request_timeout",
     "max_connections",
+    "replication",
 )
 _CAGE_KEYS = ("name", "modules", "workers", "threads", "http")
+_REPLICATION_KEYS = ("address", "ack", "priority", "peers")
+_PEER_KEYS = ("node", "address", "http")
 
 
 def load_config(path: str | os.PathLike[str]) -> NodeConfig:
@@ -419,6 +478,11 @@ def load_config(path: str | os.PathLike[str]) -> NodeConfig:
         cfg = _read_node(reader, root, file, base)
     finally:
         loader.dispose()
+    if cfg is not None and not reader.errors:
+        # The ports a replicated node takes depend on how many modules it has: checked here,
+        # where the module directories have been listed, with the same FILE:LINE as the rest.
+        for key, message in _replication_problems(cfg, len(cfg.safes())):
+            reader.found.append((reader.lines.get(key, 0), f"{locate(cfg, key)}: {key}: {message}"))
     if reader.errors or cfg is None:
         raise ConfigError(reader.errors)
     return cfg
@@ -449,6 +513,10 @@ def dump_config(cfg: NodeConfig) -> str:
         value = getattr(cfg, key)
         if key == "cages":
             value = [_cage_document(cage) for cage in cfg.cages]
+        elif key == "replication":
+            if value is None:
+                continue  # optional: a node on its own
+            value = _replication_document(value)
         elif isinstance(value, Path):
             value = str(value)
         document[key] = value
@@ -463,6 +531,22 @@ def _cage_document(cage: CageConfig) -> dict[str, object]:
             continue  # an optional key left out (no http)
         entry[key] = str(value) if isinstance(value, Path | HttpAddress) else value
     return entry
+
+
+def _replication_document(replication: ReplicationConfig) -> dict[str, object]:
+    return {
+        "address": str(replication.address),
+        "ack": replication.ack,
+        "priority": replication.priority,
+        "peers": [
+            {
+                "node": peer.node,
+                "address": str(peer.address),
+                "http": {cage: str(address) for cage, address in peer.http.items()},
+            }
+            for peer in replication.peers
+        ],
+    }
 
 
 def _compose(label: str, data: bytes) -> tuple[yaml.SafeLoader, Node | None]:
@@ -508,13 +592,15 @@ def _read_node(reader: _Reader, root: Node, file: Path, base: Path) -> NodeConfi
         if not isinstance(got, _Missing):
             options[key] = got
     cages = _read_cages(reader, top, root, base)
-    if reader.errors or node is None or cages is None:
+    replication = _read_replication(reader, top, node)
+    if reader.errors or node is None or cages is None or replication is None:
         return None
     return NodeConfig(
         file=file,
         node=node,
         data_dir=(base / (data_dir if isinstance(data_dir, str) else "var")).resolve(),
         cages=cages,
+        replication=None if isinstance(replication, _Missing) else replication,
         _origin=_Origin(reader.label, reader.lines),
         **options,
     )
@@ -550,6 +636,7 @@ def _read_cages(
                 )
             else:
                 names[name] = path
+                reader.cage_names.append(name)
         modules = _read_modules(reader, entries, path, item, base)
         workers = reader.value(
             entries, path, "workers", "an integer from 1 to 256", _integer(1, 256)
@@ -605,14 +692,7 @@ def _overlaps(a: HttpAddress, b: HttpAddress) -> bool:
     """Whether two listening addresses would collide: same port, same or wildcard host."""
     if a.port != b.port:
         return False
-
-    def canonical(host: str) -> str:
-        try:
-            return str(ipaddress.ip_address(host))
-        except ValueError:
-            return host.lower().rstrip(".")
-
-    ha, hb = canonical(a.host), canonical(b.host)
+    ha, hb = _canonical(a.host), _canonical(b.host)
     if ha == hb or "::" in (ha, hb):  # "::" is dual-stack on Linux: it takes IPv4 too
         return True
     # 0.0.0.0 takes every IPv4 address (and a host name may well resolve to one), not IPv6 ones.
@@ -626,21 +706,11 @@ def _read_http(
     path: str,
     seen: list[tuple[HttpAddress, str, Node]],
 ) -> HttpAddress | _Missing | None:
-    what = 'an address "HOST:PORT" or "[IPV6]:PORT" with PORT 1..65535'
     node = entries.get("http")
     if node is None:
         return _MISSING
-    # The raw text, not the constructed value: YAML 1.1 reads `8080:80` as a base-60 integer.
-    if not isinstance(node, ScalarNode) or node.tag not in (
-        "tag:yaml.org,2002:str",
-        "tag:yaml.org,2002:int",
-    ):
-        reader.expected(node, path, what)
-        return None
-    try:
-        address = HttpAddress.parse(node.value)
-    except ValueError as e:
-        reader.expected(node, path, what, f"{node.value!r} ({e})")
+    address = _read_address(reader, node, path)
+    if address is None:
         return None
     for other, other_path, other_node in seen:
         if _overlaps(address, other):
@@ -656,23 +726,301 @@ def _read_http(
     return address
 
 
+_ADDRESS_EXPECTED = 'an address "HOST:PORT" or "[IPV6]:PORT" with PORT 1..65535'
+
+
+def _read_address(
+    reader: _Reader, node: Node, path: str, what: str = _ADDRESS_EXPECTED
+) -> HttpAddress | None:
+    """One HOST:PORT scalar; None (and an error) if it is not one."""
+    # The raw text, not the constructed value: YAML 1.1 reads `8080:80` as a base-60 integer.
+    if not isinstance(node, ScalarNode) or node.tag not in (
+        "tag:yaml.org,2002:str",
+        "tag:yaml.org,2002:int",
+    ):
+        reader.expected(node, path, what)
+        return None
+    try:
+        return HttpAddress.parse(node.value)
+    except ValueError as e:
+        reader.expected(node, path, what, f"{node.value!r} ({e})")
+        return None
+
+
+# --- replication -------------------------------------------------------------------------------
+
+_REPLICATION_ADDRESS = (
+    'an address "HOST:PORT" or "[IPV6]:PORT" that peers can connect to (not a wildcard such '
+    "as 0.0.0.0 or ::), PORT 1..65535"
+)
+
+
+def _read_replication_address(reader: _Reader, node: Node, path: str) -> HttpAddress | None:
+    address = _read_address(reader, node, path, _REPLICATION_ADDRESS)
+    if address is not None and _canonical(address.host) in ("0.0.0.0", "::"):
+        # Berkeley DB tells its peers the local site's address: it must be one they can reach.
+        reader.expected(node, path, _REPLICATION_ADDRESS, f"{node.value!r} (a wildcard)")
+        return None
+    return address
+
+
+def _read_replication(
+    reader: _Reader, top: Mapping[str, Node], node_name: str | None
+) -> ReplicationConfig | _Missing | None:
+    """The optional `replication:` section; None (errors reported) if anything in it is wrong."""
+    section = top.get("replication")
+    if section is None:
+        return _MISSING
+    entries = reader.mapping(section, "replication", _REPLICATION_KEYS, "a mapping of settings")
+    if entries is None:
+        return None
+    ok = True
+    address: HttpAddress | None = None
+    if "address" in entries:
+        address = _read_replication_address(reader, entries["address"], "replication.address")
+    else:
+        reader.expected(
+            section,
+            "replication.address",
+            _REPLICATION_ADDRESS,
+            "nothing (a required key is missing)",
+        )
+    ack = reader.value(
+        entries,
+        "replication",
+        "ack",
+        f"one of {', '.join(ACK_POLICIES)}",
+        lambda v: v if isinstance(v, str) and v in ACK_POLICIES else None,
+    )
+    priority = reader.value(
+        entries,
+        "replication",
+        "priority",
+        "an integer from 0 (never master) to 1000000",
+        _integer(0, 1_000_000),
+    )
+    peers: list[PeerConfig] = []
+    seq = entries.get("peers")
+    if seq is not None:
+        if not isinstance(seq, SequenceNode) or seq.tag != _SEQ_TAG:
+            reader.expected(seq, "replication.peers", "a list of peer nodes (may be empty)")
+            ok = False
+        else:
+            seen: dict[str, int] = {}
+            for i, item in enumerate(seq.value):
+                peer = _read_peer(reader, item, f"replication.peers[{i}]", node_name, seen)
+                if peer is None:
+                    ok = False
+                else:
+                    peers.append(peer)
+    if not ok or address is None or ack is None or priority is None:
+        return None
+    return ReplicationConfig(
+        address=address,
+        ack="quorum" if isinstance(ack, _Missing) else ack,
+        priority=100 if isinstance(priority, _Missing) else priority,
+        peers=tuple(peers),
+    )
+
+
+def _read_peer(
+    reader: _Reader, item: Node, path: str, node_name: str | None, seen: dict[str, int]
+) -> PeerConfig | None:
+    entries = reader.mapping(item, path, _PEER_KEYS, "a mapping of peer settings")
+    if entries is None:
+        return None
+    name = reader.required(entries, path, "node", _NAME_EXPECTED, _name, parent=item)
+    if name is not None:
+        if name == node_name:
+            reader.expected(
+                entries["node"], f"{path}.node", "another node's name", f"{name!r} (this node)"
+            )
+            name = None
+        elif name in seen:
+            reader.expected(
+                entries["node"],
+                f"{path}.node",
+                "each peer once",
+                f"{name!r} again (first at line {seen[name]})",
+            )
+            name = None
+        else:
+            seen[name] = entries["node"].start_mark.line + 1
+    address: HttpAddress | None = None
+    if "address" in entries:
+        address = _read_replication_address(reader, entries["address"], f"{path}.address")
+    else:
+        reader.expected(
+            item, f"{path}.address", _REPLICATION_ADDRESS, "nothing (a required key is missing)"
+        )
+    http: dict[str, HttpAddress] = {}
+    ok = True
+    if "http" in entries:
+        # The group's nodes run the same cages: a peer's cage is one of this node's.
+        cages = tuple(reader.cage_names)
+        what = f"a mapping of this node's cages ({', '.join(cages) or 'none'}) to addresses"
+        before = len(reader.found)
+        mapping = reader.mapping(entries["http"], f"{path}.http", cages, what)
+        if mapping is None or len(reader.found) > before:
+            ok = False  # an unknown cage (reported): the peer is not usable as written
+        for cage, node in (mapping or {}).items():
+            cage_address = _read_address(reader, node, f"{path}.http.{cage}")
+            if cage_address is None:
+                ok = False
+            else:
+                http[cage] = cage_address
+    if name is None or address is None or not ok:
+        return None
+    return PeerConfig(node=name, address=address, http=http)
+
+
+def _canonical(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.lower().rstrip(".")
+
+
+def _ports(first: int, count: int) -> str:
+    return f"port {first}" if count == 1 else f"ports {first}..{first + count - 1}"
+
+
+def _replication_problems(cfg: NodeConfig, count: int) -> list[tuple[str, str]]:
+    """(key path, "expected X, got Y") for each port problem of a node with `count` safes.
+
+    Safe i of a node listens on `address.port + i` (`safe_sites`), so the node takes `count`
+    ports from its address on: they must exist (<= 65535), be at most MAX_REPLICATED_SAFES,
+    and collide with nothing else the group listens on. Two addresses of this node collide as
+    the HTTP addresses do (a wildcard takes every address); an address of a peer collides only
+    with one of the same host as written, since a wildcard here says nothing of another machine.
+    """
+    replication = cfg.replication
+    if replication is None or count == 0:
+        return []
+    problems: list[tuple[str, str]] = []
+    if count > MAX_REPLICATED_SAFES:
+        problems.append(
+            (
+                "replication.address",
+                f"expected at most {MAX_REPLICATED_SAFES} modules on a replicated node (each "
+                f"safe takes a port), got {count}",
+            )
+        )
+    # (key path, address, port count, this node's, an HTTP address) in the order written.
+    claims: list[tuple[str, HttpAddress, int, bool, bool]] = [
+        (f"cages[{i}].http", cage.http, 1, True, True)
+        for i, cage in enumerate(cfg.cages)
+        if cage.http is not None
+    ]
+    claims.append(("replication.address", replication.address, count, True, False))
+    for j, peer in enumerate(replication.peers):
+        claims.append((f"replication.peers[{j}].address", peer.address, count, False, False))
+        for cage, address in peer.http.items():
+            claims.append((f"replication.peers[{j}].http.{cage}", address, 1, False, True))
+    for key, address, n, _, is_http in claims:
+        if not is_http and address.port + n - 1 > 65535:
+            problems.append(
+                (
+                    key,
+                    f"expected a port of at most {65536 - n} (one port per safe, {n} safes), "
+                    f"got {str(address)!r} ({_ports(address.port, n)})",
+                )
+            )
+    for b, (key, address, n, local, is_http) in enumerate(claims):
+        for other_key, other, m, other_local, other_http in claims[:b]:
+            if local and other_local and is_http and other_http:
+                continue  # two cages of this node: checked as they were read
+            if local and other_local:
+                same_host = _overlaps(HttpAddress(address.host, 1), HttpAddress(other.host, 1))
+            else:
+                same_host = _canonical(address.host) == _canonical(other.host)
+            if (
+                same_host
+                and address.port <= other.port + m - 1
+                and other.port <= address.port + n - 1
+            ):
+                line = locate(cfg, other_key)
+                problems.append(
+                    (
+                        key,
+                        "expected ports nothing else of the group listens on, got "
+                        f"{str(address)!r} ({_ports(address.port, n)}: overlaps {other_key}, "
+                        f"{_ports(other.port, m)} at {line})",
+                    )
+                )
+    return problems
+
+
+def replication_errors(cfg: NodeConfig) -> list[str]:
+    """The port problems of `cfg`'s `replication` with its modules as they are now listed
+    ("FILE:LINE: key: expected X, got Y"); `load_config` reports the same at load."""
+    return [
+        f"{locate(cfg, key)}: {key}: {message}"
+        for key, message in _replication_problems(cfg, len(cfg.safes()))
+    ]
+
+
+Site = tuple[str, int]
+
+
+def safe_sites(cfg: NodeConfig) -> dict[tuple[str, str], tuple[Site, list[Site]]]:
+    """For each (cage, module) of a replicated node: this node's (host, port) for its safe and
+    the peers' (host, port) for the same safe, in `replication.peers` order.
+
+    The safe's index i in `cfg.safes()` (every (cage, module), sorted) gives its port,
+    `address.port + i`, on this node and on every peer alike: so the nodes of a group must run
+    the same cages and modules (a module added on one node only shifts the ports of the safes
+    after it there). Empty for a node without `replication`; ConfigError if the modules now
+    listed make the ports invalid (`replication_errors`).
+    """
+    replication = cfg.replication
+    if replication is None:
+        return {}
+    safes = cfg.safes()
+    problems = _replication_problems(cfg, len(safes))
+    if problems:
+        raise ConfigError([f"{locate(cfg, key)}: {key}: {message}" for key, message in problems])
+    return {
+        safe: (
+            (replication.address.host, replication.address.port + i),
+            [(peer.address.host, peer.address.port + i) for peer in replication.peers],
+        )
+        for i, safe in enumerate(safes)
+    }
+
+
 # --- port check --------------------------------------------------------------------------------
 
 
 def check_ports(cfg: NodeConfig) -> list[str]:
-    """Try to listen on every cage's HTTP address; one error string per address that fails.
+    """Try to listen on every cage's HTTP address and, on a replicated node, on each safe's
+    replication port (`safe_sites`); one error string per address that fails.
 
     A side effect (a socket bound for an instant), hence not part of `load_config`. SO_REUSEADDR
-    as the server will use, so a port in TIME_WAIT does not count as taken.
+    as the server (and Berkeley DB's replication manager) will use, so a port in TIME_WAIT does
+    not count as taken.
     """
+    wanted: list[tuple[str, HttpAddress, str]] = [
+        (f"cages[{i}].http", cage.http, "")
+        for i, cage in enumerate(cfg.cages)
+        if cage.http is not None
+    ]
+    if cfg.replication is not None:
+        host, base = cfg.replication.address.host, cfg.replication.address.port
+        for i, (cage, module) in enumerate(cfg.safes()):
+            if base + i <= 65535:  # beyond: a load error already
+                wanted.append(
+                    (
+                        "replication.address",
+                        HttpAddress(host, base + i),
+                        f" for safe {cage}.{module}",
+                    )
+                )
     errors: list[str] = []
-    for i, cage in enumerate(cfg.cages):
-        if cage.http is None:
-            continue
-        key = f"cages[{i}].http"
+    for key, address, what in wanted:
         try:
             infos = socket.getaddrinfo(
-                cage.http.host, cage.http.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
             family, kind, proto, _, sockaddr = infos[0]
             with socket.socket(family, kind, proto) as sock:
@@ -682,6 +1030,6 @@ def check_ports(cfg: NodeConfig) -> list[str]:
         except OSError as e:
             errors.append(
                 f"{locate(cfg, key)}: {key}: expected an address this host can listen on, "
-                f"got {str(cage.http)!r} ({e.strerror or e})"
+                f"got {str(address)!r}{what} ({e.strerror or e})"
             )
     return errors

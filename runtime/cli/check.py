@@ -46,7 +46,13 @@ def run(args: argparse.Namespace) -> int:
     if errors:
         return _fail(errors)
     cages = len(cfg.cages)
-    print(f"{label}: node {cfg.node}: {_count(cages, 'cage')}, {_count(modules, 'module')}, ok")
+    group = ""
+    if cfg.replication is not None:  # its ports were checked with the cages' (check_ports)
+        peers = len(cfg.replication.peers)
+        group = f", replicated at {cfg.replication.address} with {_count(peers, 'peer')}"
+    print(
+        f"{label}: node {cfg.node}: {_count(cages, 'cage')}, {_count(modules, 'module')}{group}, ok"
+    )
     return 0
 
 

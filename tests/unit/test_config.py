@@ -493,7 +493,7 @@ def test_unknown_top_level_key(node_dir: Path) -> None:
     assert one_error(path) == (
         f"{path}:1: datadir: expected one of node, data_dir, cages, graceful_timeout, "
         "checkpoint_interval, durable, max_body, heartbeat_timeout, keepalive_timeout, "
-        "request_timeout, max_connections, got an unknown key; "
+        "request_timeout, max_connections, replication, got an unknown key; "
         "did you mean 'data_dir'?"
     )
 

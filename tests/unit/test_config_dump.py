@@ -29,6 +29,13 @@ def test_every_key_survives_a_round_trip(tmp_path: Path) -> None:
         "    http: 127.0.0.1:18080\n"
         "  - name: b\n    modules: modules\n"
         "  - name: c\n    modules: modules\n    http: '[::1]:18081'\n"
+        "replication:\n"
+        "  address: 127.0.0.1:17100\n"
+        "  ack: one\n"
+        "  priority: 7\n"
+        "  peers:\n"
+        "    - {node: n2, address: '[::1]:17200', http: {a: 10.0.0.2:18080, c: '[::1]:18081'}}\n"
+        "    - {node: n3, address: n3.example:17300}\n"
     )
     cfg = load_config(source)
     copy = tmp_path / "elsewhere" / "copy.yaml"
@@ -39,6 +46,20 @@ def test_every_key_survives_a_round_trip(tmp_path: Path) -> None:
     assert again.cages[2].http == HttpAddress("::1", 18081)
     # Nothing is left at a default by omission: a changed default would not change the copy.
     assert "max_connections: 17" in copy.read_text()
+    assert again.replication is not None and again.replication.peers[0].http["c"] == HttpAddress(
+        "::1", 18081
+    )
+
+
+def test_a_node_without_replication_is_dumped_without_it(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    source = tmp_path / "node.yaml"
+    source.write_text(f"node: n\ncages:\n  - name: c\n    modules: {tmp_path / 'm'}\n")
+    text = dump_config(load_config(source))
+    assert "replication" not in text
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(text)
+    assert load_config(copy).replication is None
 
 
 def test_a_changed_copy_keeps_the_safe_paths_of_the_config_module(tmp_path: Path) -> None:
