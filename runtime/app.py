@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 from pmnc.safe import SafeNeedsRecoveryError
 
+from .calls import request_chain
 from .logs import logger
 from .modules import AppModule
 
@@ -195,8 +196,9 @@ class Application:
         """Whether `module.function` is callable over HTTP (its names may become labels)."""
         return (module, function) in self._functions
 
-    def call(self, module: str, function: str, body: bytes) -> Response:
-        """Run one call; never raises for anything the module or the client does."""
+    def call(self, module: str, function: str, body: bytes, chain: str | None = None) -> Response:
+        """Run one call; never raises for anything the module or the client does. `chain`:
+        the request's X-Pmnc-Chain header (calls.request_chain refuses a cycle across cages)."""
         target = self._functions.get((module, function))
         if target is None or module.startswith("_") or function.startswith("_"):
             return error_response(404, "NotFound", f"no function {function!r} in module {module!r}")
@@ -212,7 +214,8 @@ class Application:
         except TypeError as e:
             return error_response(400, "TypeError", f"{module}.{function}(): {e}")
         try:
-            result = fn(**args)
+            with request_chain(chain, module, function):
+                result = fn(**args)
         except BaseException as e:  # noqa: BLE001 - whatever a module raises is answered:
             # sys.exit(), KeyboardInterrupt or GeneratorExit from a module must not end the
             # serving thread (the worker would go on with one thread fewer).

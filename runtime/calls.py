@@ -16,6 +16,15 @@ chain named instead of running into Python's recursion limit somewhere unrelated
 send the arguments as one JSON object (refused here, before anything is sent, if they are not
 JSON), and turn every answer that is not a 200 into `RemoteError`.
 
+The chain of calls crosses cages: every remote call sends it in the `X-Pmnc-Chain` header
+(`CHAIN_HEADER`: "node.cage.module.function" entries, the call being made last), and the cage
+that receives it runs the request inside `request_chain(header, module, function)`, which makes
+it the chain of that request. A call whose target is already in the chain (a cycle through
+HTTP: cage a calls b, which calls a...) or that nests more than MAX_DEPTH deep raises
+`CallDepthError` before anything is sent, naming the chain, in the cage that would close the
+cycle; the receiving side refuses such a chain too. Without it a cycle holds a thread per hop
+until the innermost call times out.
+
 Retrying a POST (after Go's net/http transport, which retries a non-idempotent request only
 when nothing of it was written or the server had closed the idle connection): a pooled
 connection is checked before use (readable means the server closed it or sent something
@@ -27,6 +36,7 @@ timeout is raised, never retried: the remote function may have run (a worker kil
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import http.client
 import json
@@ -35,13 +45,14 @@ import re
 import select
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import HttpAddress, NodeConfig
 
 __all__ = [
+    "CHAIN_HEADER",
     "DEFAULT_TIMEOUT",
     "MAX_DEPTH",
     "CallDepthError",
@@ -51,23 +62,38 @@ __all__ = [
     "RemoteError",
     "Routes",
     "encode_arguments",
+    "master_route",
     "node_routes",
     "parse_target",
     "remote_error",
+    "request_chain",
 ]
 
 DEFAULT_TIMEOUT = 30.0  # seconds a remote call may take, connecting included
 MAX_DEPTH = 32  # in-process calls nested in one thread; far below Python's recursion limit
 LOAD_WAIT = 30.0  # how long a call from another thread waits for the cage's modules to load
 MAX_IDLE_PER_ADDRESS = 64  # pooled connections kept per remote address; more are closed
+CHAIN_HEADER = "X-Pmnc-Chain"  # the chain of calls a remote call is part of (request_chain)
 
 # node -> cage -> its HTTP address (None: the cage has no `http`). This node's cages come from
-# its config; a peer node's would come from its replication peers' `http` map.
+# its config; a peer node's from its `replication.peers[].http` map (`node_routes`).
 Routes = Mapping[str, Mapping[str, "HttpAddress | None"]]
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# The chain of the calls running in this thread (context): the calling module, then
+# "module.function" per in-process call; a request that came with a chain (request_chain)
+# starts from that one, whose entries are "node.cage.module.function".
 _CHAIN: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("pmnc_chain", default=())
+# The "module.function" a request that came without a chain (from a client, not a cage) serves:
+# the first entry of the chain its remote calls send.
+_ENTRY: contextvars.ContextVar[str | None] = contextvars.ContextVar("pmnc_entry", default=None)
+# One entry of an X-Pmnc-Chain header: node.cage.module.function, or node.cage.module for a
+# call made outside any request (a module's background thread).
+_HOP = re.compile(
+    r"[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{1,64}\.[A-Za-z_][A-Za-z0-9_]{0,63}"
+    r"(?:\.[A-Za-z_][A-Za-z0-9_]{0,63})?"
+)
 
 
 class RemoteError(Exception):
@@ -89,18 +115,21 @@ class RemoteError(Exception):
 
 
 class CallDepthError(RecursionError):
-    """In-process calls nested deeper than MAX_DEPTH in one thread; `chain` is the nesting,
-    the calling module first, then `module.function` per call."""
+    """Calls nested deeper than MAX_DEPTH, or (`cycle`) a call to a cage's function already in
+    the chain of calls across cages; `chain` is the nesting, the calling module first, then
+    `module.function` per in-process call and `node.cage.module.function` per remote one."""
 
-    def __init__(self, chain: tuple[str, ...]) -> None:
-        super().__init__(
-            f"calls between modules nested more than {MAX_DEPTH} deep (a cycle?): "
-            + " -> ".join(chain)
-        )
+    def __init__(self, chain: tuple[str, ...], cycle: bool = False) -> None:
+        if cycle:
+            what = f"a cycle of calls between cages, {chain[-1]} is already in the chain: "
+        else:
+            what = f"calls between modules nested more than {MAX_DEPTH} deep (a cycle?): "
+        super().__init__(what + " -> ".join(chain))
         self.chain = chain
+        self.cycle = cycle
 
-    def __reduce__(self) -> tuple[type[CallDepthError], tuple[tuple[str, ...]]]:
-        return (type(self), (self.chain,))
+    def __reduce__(self) -> tuple[type[CallDepthError], tuple[tuple[str, ...], bool]]:
+        return (type(self), (self.chain, self.cycle))
 
 
 class NotFoundError(LookupError):
@@ -155,8 +184,59 @@ def parse_target(target: str) -> tuple[str | None, str]:
 
 
 def node_routes(cfg: NodeConfig) -> dict[str, dict[str, HttpAddress | None]]:
-    """This node's cages and their addresses, the routes `Calls` needs without peers."""
-    return {cfg.node: {cage.name: cage.http for cage in cfg.cages}}
+    """Every cage `Calls` may reach: this node's cages (None: no `http`) and, for a replicated
+    node, each peer's cages at the addresses its `replication.peers[].http` lists (a cage left
+    out there is not callable on that peer: absent from its routes)."""
+    routes: dict[str, dict[str, HttpAddress | None]] = {
+        cfg.node: {cage.name: cage.http for cage in cfg.cages}
+    }
+    if cfg.replication is not None:
+        for peer in cfg.replication.peers:
+            routes[peer.node] = dict(peer.http)
+    return routes
+
+
+def master_route(cfg: NodeConfig, node: str, cage: str) -> HttpAddress | None:
+    """The HTTP address of `cage` on `node` of `cfg`'s group (this node or a peer), or None if
+    the config gives none: where to send a call once `node` is known to be the master."""
+    return node_routes(cfg).get(node, {}).get(cage)
+
+
+@contextlib.contextmanager
+def request_chain(header: str | None, module: str, function: str) -> Iterator[None]:
+    """Run a request for `module.function` as part of the chain its `X-Pmnc-Chain` header
+    carries (None: a request from a client, the chain starts there).
+
+    The server calls the function inside this, so that the remote calls it makes send the
+    whole chain and a cycle across cages is refused where it would close (`Calls.chain_to`).
+    Refuses, before the function runs: a header that is not a chain ending with this call
+    (ValueError), a chain in which this call already appears or longer than MAX_DEPTH + 1
+    (CallDepthError naming it).
+    """
+    if header is None:
+        token = _ENTRY.set(f"{module}.{function}")
+        try:
+            yield
+        finally:
+            _ENTRY.reset(token)
+        return
+    chain = tuple(hop.strip() for hop in header.split(","))
+    bad = next((hop for hop in chain if not _HOP.fullmatch(hop)), None)
+    here = chain[-1]
+    if bad is not None or here.count(".") != 3 or not here.endswith(f".{module}.{function}"):
+        raise ValueError(
+            f"{CHAIN_HEADER}: expected node.cage.module.function entries ending with this call "
+            f"({module}.{function}), got {header[:200]!r}"
+        )
+    if chain[-1] in chain[:-1]:
+        raise CallDepthError(chain, cycle=True)
+    if len(chain) > MAX_DEPTH + 1:
+        raise CallDepthError(chain)
+    token_chain = _CHAIN.set(chain)
+    try:
+        yield
+    finally:
+        _CHAIN.reset(token_chain)
 
 
 def _check_timeout(timeout: float) -> float:
@@ -250,9 +330,10 @@ class Calls:
 
     @classmethod
     def for_node(cls, cfg: NodeConfig, cage: str) -> Calls:
-        """The call layer of a worker of `cage` in the node `cfg` (peers: none yet)."""
+        """The call layer of a worker of `cage` in the node `cfg`, its peers' cages included."""
         # Reuse a connection only well within the servers' keep-alive timeout (our own config's:
-        # the cages called are this node's); they close it after that, checked every 0.2 s.
+        # a group's nodes run the same config but for names and addresses); they close it after
+        # that, checked every 0.2 s.
         return cls(cfg.node, cage, node_routes(cfg), idle_limit=cfg.keepalive_timeout * 0.8)
 
     # -- the cage's modules ------------------------------------------------------------------
@@ -310,6 +391,23 @@ class Calls:
 
     # -- other cages -------------------------------------------------------------------------
 
+    def chain_to(self, caller: str, target: str) -> tuple[str, ...]:
+        """The chain a remote call to `target` ("node.cage.module.function") sends: the chain
+        running in this thread, its entries made "node.cage.module[.function]" with this cage's
+        names, then `target`. CallDepthError, before anything is sent, if `target` is already
+        in it (a cycle across cages) or it is already MAX_DEPTH deep."""
+        chain = _CHAIN.get() or (caller,)
+        entry = _ENTRY.get()
+        if entry is not None and "." not in chain[0] and entry.startswith(f"{chain[0]}."):
+            chain = (entry, *chain[1:])  # the function the request called, not just its module
+        prefix = f"{self.node}.{self.cage}."
+        hops = tuple(hop if hop.count(".") == 3 else prefix + hop for hop in chain)
+        if target in hops:
+            raise CallDepthError((*hops, target), cycle=True)
+        if len(hops) > MAX_DEPTH:
+            raise CallDepthError((*hops, target))
+        return (*hops, target)
+
     def address(self, call: str, node: str | None, cage: str) -> tuple[str, int]:
         """Where `node.cage` listens, as a connectable (host, port); NotFoundError if nowhere."""
         node = node or self.node
@@ -318,12 +416,17 @@ class Calls:
             known = ", ".join(sorted(self.routes))
             raise NotFoundError(
                 f"{call}: no node {node!r} known to node {self.node!r} (known: {known}); "
-                "a peer node's cages are reached through its http addresses, "
-                "which this node's config does not list"
+                "a peer node is reached at the addresses its entry in this node's "
+                "replication.peers lists"
             )
         if cage not in cages:
-            known = ", ".join(sorted(cages))
-            raise NotFoundError(f"{call}: no cage {cage!r} in node {node!r} (cages: {known})")
+            known = ", ".join(sorted(cages)) or "none"
+            if node == self.node:
+                raise NotFoundError(f"{call}: no cage {cage!r} in node {node!r} (cages: {known})")
+            raise NotFoundError(
+                f"{call}: no cage {cage!r} of node {node!r} in this node's "
+                f"replication.peers[].http for it (cages listed: {known})"
+            )
         http_address = cages[cage]
         if http_address is None:
             raise NotFoundError(
@@ -340,9 +443,15 @@ class Calls:
         path: str,
         body: bytes,
         timeout: float,
+        *,
+        chain: tuple[str, ...] = (),
     ) -> object:
-        """POST `body` to `path` at `address`; the result, or RemoteError, TimeoutError,
-        ConnectionError (the latter two naming whether the call may have run)."""
+        """POST `body` to `path` at `address`, with `chain` in its X-Pmnc-Chain header if any;
+        the result, or RemoteError, TimeoutError, ConnectionError (the latter two naming
+        whether the call may have run)."""
+        headers = {"Content-Type": "application/json"}
+        if chain:
+            headers[CHAIN_HEADER] = ",".join(chain)
         deadline = time.monotonic() + timeout
         host, port = address
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -353,7 +462,7 @@ class Calls:
                 conn = http.client.HTTPConnection(address[0], address[1], timeout=timeout)
             try:
                 _set_timeout(conn, deadline)
-                conn.request("POST", path, body, {"Content-Type": "application/json"})
+                conn.request("POST", path, body, headers)
             except TimeoutError:
                 conn.close()
                 raise TimeoutError(
@@ -440,10 +549,11 @@ class Pmnc:
         node, cage = parse_target(target)
         return RemoteCage(
             self._calls,
+            self._owner,
             target,
-            node,
-            cage,
-            self._calls.default_timeout if timeout is None else _check_timeout(timeout),
+            node=node,
+            cage=cage,
+            timeout=self._calls.default_timeout if timeout is None else _check_timeout(timeout),
         )
 
     def __repr__(self) -> str:
@@ -473,12 +583,20 @@ class _LocalModule:
 class RemoteCage:
     """`pmnc("cage")`: `.<module>.<function>(**kwargs)` calls it over HTTP."""
 
-    __slots__ = ("_cage", "_calls", "_node", "_target", "_timeout")
+    __slots__ = ("_cage", "_calls", "_node", "_owner", "_target", "_timeout")
 
     def __init__(
-        self, calls: Calls, target: str, node: str | None, cage: str, timeout: float
+        self,
+        calls: Calls,
+        owner: str,
+        target: str,
+        *,
+        node: str | None,
+        cage: str,
+        timeout: float,
     ) -> None:
         self._calls = calls
+        self._owner = owner
         self._target = target
         self._node = node
         self._cage = cage
@@ -492,8 +610,13 @@ class RemoteCage:
     def _call(self, module: str, function: str, kwargs: Mapping[str, Any]) -> object:
         call = f"pmnc({self._target!r}).{module}.{function}"
         body = encode_arguments(call, kwargs)
-        address = self._calls.address(call, self._node, self._cage)
-        return self._calls.call_remote(call, address, f"/{module}/{function}", body, self._timeout)
+        calls = self._calls
+        address = calls.address(call, self._node, self._cage)
+        target = f"{self._node or calls.node}.{self._cage}.{module}.{function}"
+        chain = calls.chain_to(self._owner, target)
+        return calls.call_remote(
+            call, address, f"/{module}/{function}", body, self._timeout, chain=chain
+        )
 
 
 class _RemoteModule:

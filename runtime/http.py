@@ -62,6 +62,7 @@ class Request(NamedTuple):
     body_length: int
     keep_alive: bool  # what the client asked for
     expect_continue: bool  # an HTTP/1.1 client waits for `100 Continue` before its body
+    chain: str | None = None  # X-Pmnc-Chain: the calls across cages this one is part of
 
     @property
     def path(self) -> str:
@@ -99,6 +100,7 @@ def parse_head(head: bytes) -> Request:
     lengths: set[bytes] = set()
     connection: list[bytes] = []
     expect = b""
+    chain: list[bytes] = []
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.fullmatch(name):
@@ -116,6 +118,8 @@ def parse_head(head: bytes) -> Request:
             connection += [t.strip().lower() for t in value.split(b",")]
         elif key == b"expect":
             expect = value.lower()
+        elif key == b"x-pmnc-chain":
+            chain.append(value)
     if version == "HTTP/1.1" and hosts != 1:
         raise HttpError(
             400,
@@ -139,6 +143,7 @@ def parse_head(head: bytes) -> Request:
         body_length=int(length_text),
         keep_alive=keep_alive,
         expect_continue=version == "HTTP/1.1" and expect == b"100-continue",
+        chain=b",".join(chain).decode("latin-1") if chain else None,
     )
 
 

@@ -7,6 +7,7 @@ the test, which reads what the module saw (results, exception types and fields) 
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -73,6 +74,18 @@ FRONT = """
 
     def fan(n):
         return sorted({pmnc("b").remote.pid() for _ in range(n)})
+
+    def around(timeout):
+        return pmnc("b", timeout=timeout).remote.back_to_a(timeout=timeout)
+
+    def cycle_across(timeout):
+        started = time.monotonic()
+        try:
+            return ["ok", pmnc("b", timeout=timeout).remote.back_to_a(timeout=timeout)]
+        except RemoteError as e:
+            return ["RemoteError", e.status, e.type, e.message, time.monotonic() - started]
+        except Exception as e:
+            return [type(e).__name__, str(e), time.monotonic() - started]
 """
 
 BACK = """
@@ -99,6 +112,11 @@ BACK = """
 REMOTE = """
     import os
     import time
+
+    pmnc = globals()["pmnc"]
+
+    def back_to_a(timeout):
+        return pmnc("a", timeout=timeout).front.around(timeout=timeout)
 
     def echo(**kwargs):
         return kwargs
@@ -249,6 +267,59 @@ def test_calls_to_another_cage(cages: Cages) -> None:
         found = cages.remote("echo", target=target)
         assert found[0] == "NotFoundError", found
         assert says in found[1], found
+
+
+# Cycle detection across cages: the receiving side takes the chain from the request's
+# X-Pmnc-Chain header (`calls.request_chain`, called by `Application.call`).
+
+
+def test_a_cycle_through_http_is_refused_where_it_closes(cages: Cages) -> None:
+    """a.front.cycle_across -> b.remote.back_to_a -> a.front.around -> b.remote.back_to_a: the
+    second call to b's function is refused in a, before it is sent, naming the chain; every
+    hop answers at once instead of holding a thread until a timeout."""
+    kind, status, remote_type, message, took = cages.call("cycle_across", timeout=3)
+    assert (kind, status, remote_type) == ("RemoteError", 500, "RemoteError")
+    assert message.startswith("pmnc('a').front.around: 500 CallDepthError: a cycle of calls ")
+    assert message.endswith(
+        "test.b.remote.back_to_a is already in the chain: test.a.front.cycle_across -> "
+        "test.b.remote.back_to_a -> test.a.front.around -> test.b.remote.back_to_a"
+    )
+    assert took < 2.0
+    assert cages.remote("one", x=1) == ["ok", 1]  # every thread is free again
+
+
+def post(port: int, path: str, body: dict[str, Any], chain: str) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", path, json.dumps(body), {"X-Pmnc-Chain": chain})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_a_chain_that_would_cycle_or_nest_too_deep_is_refused_before_the_call(
+    cages: Cages,
+) -> None:
+    """What the receiving cage refuses, from any client: the call is already in the chain, the
+    chain is over 32 calls deep, or the header is not a chain ending with this call."""
+    port = cages.node.port
+    cycle = "test.a.back.put,test.b.remote.back_to_a,test.a.back.put"
+    deep = ",".join(f"test.b.remote.f{i}" for i in range(33)) + ",test.a.back.put"
+    for chain, kind, says in [
+        (cycle, "CallDepthError", "a cycle of calls between cages, test.a.back.put is already"),
+        (deep, "CallDepthError", "nested more than 32 deep (a cycle?): test.b.remote.f0 ->"),
+        ("test.a.back.get", "ValueError", "X-Pmnc-Chain: expected node.cage.module.function"),
+        ("not a chain", "ValueError", "X-Pmnc-Chain: expected node.cage.module.function"),
+    ]:
+        status, answer = post(port, "/back/put", {"key": "refused", "value": 1}, chain)
+        assert status == 500, answer
+        assert answer["error"].startswith(f"{kind}: "), answer
+        assert says in answer["error"], answer
+    assert cages.a.call("back", "get", key="refused") == (200, {"result": None})  # never ran
+    # A chain without this call in it runs as any call, and its chain goes on from there.
+    ok = "test.b.remote.back_to_a,test.a.back.put"
+    assert post(port, "/back/put", {"key": "k", "value": 2}, ok) == (200, {"result": None})
 
 
 def test_a_remote_call_times_out_and_the_next_one_works(cages: Cages) -> None:

@@ -19,14 +19,26 @@ import pytest
 from pmnc.runtime import CallDepthError, NotFoundError, RemoteError
 from pmnc.runtime import calls as calls_module
 from pmnc.runtime.calls import (
+    CHAIN_HEADER,
     MAX_DEPTH,
     Calls,
     encode_arguments,
+    master_route,
     node_routes,
     parse_target,
     remote_error,
+    request_chain,
 )
-from pmnc.runtime.config import CageConfig, HttpAddress, NodeConfig
+from pmnc.runtime.config import (
+    CageConfig,
+    HttpAddress,
+    NodeConfig,
+    PeerConfig,
+    ReplicationConfig,
+    load_config,
+)
+
+REPO = Path(__file__).resolve().parents[2]
 
 # -- pure parts ---------------------------------------------------------------------------------
 
@@ -50,6 +62,52 @@ def test_routes_from_config(tmp_path: Path) -> None:
         ),
     )
     assert node_routes(cfg) == {"n1": {"a": HttpAddress("127.0.0.1", 8080), "b": None}}
+
+
+def test_routes_reach_the_peers_cages(tmp_path: Path) -> None:
+    """A replicated node routes `pmnc("<peer>.<cage>")` to the peer's `http` map; a cage left
+    out of it is not callable there (docs/calls.md, "Addressing")."""
+    cfg = NodeConfig(
+        file=tmp_path / "n.yaml",
+        node="n1",
+        data_dir=tmp_path,
+        cages=(CageConfig("a", tmp_path, http=HttpAddress("127.0.0.1", 8080)),),
+        replication=ReplicationConfig(
+            HttpAddress("127.0.0.1", 7100),
+            peers=(
+                PeerConfig("n2", HttpAddress("10.0.0.2", 7100), {"a": HttpAddress("10.0.0.2", 80)}),
+                PeerConfig("n3", HttpAddress("10.0.0.3", 7100)),
+            ),
+        ),
+    )
+    assert node_routes(cfg) == {
+        "n1": {"a": HttpAddress("127.0.0.1", 8080)},
+        "n2": {"a": HttpAddress("10.0.0.2", 80)},
+        "n3": {},
+    }
+    assert master_route(cfg, "n2", "a") == HttpAddress("10.0.0.2", 80)
+    assert master_route(cfg, "n1", "a") == HttpAddress("127.0.0.1", 8080)
+    assert master_route(cfg, "n3", "a") is None
+    assert master_route(cfg, "n9", "a") is None
+    calls = Calls.for_node(cfg, "a")
+    assert calls.address("c", "n2", "a") == ("10.0.0.2", 80)
+    with pytest.raises(NotFoundError, match=r"no cage 'a' of node 'n3' in this node's repl"):
+        calls.address("c", "n3", "a")
+    with pytest.raises(
+        NotFoundError, match=r"no node 'n9' known to node 'n1' \(known: n1, n2, n3\)"
+    ):
+        calls.address("c", "n9", "a")
+
+
+def test_the_sample_group_routes_to_every_node() -> None:
+    cfg = load_config(REPO / "config" / "group" / "node2.yaml")
+    routes = node_routes(cfg)
+    assert sorted(routes) == ["node1", "node2", "node3"]
+    for n in (1, 2, 3):
+        assert routes[f"node{n}"] == {
+            "demo": HttpAddress("127.0.0.1", n * 100 + 8000),
+            "web": HttpAddress("127.0.0.1", n * 100 + 8001),
+        }
 
 
 @pytest.mark.parametrize(
@@ -179,6 +237,71 @@ def test_a_cycle_stops_at_the_depth_limit_naming_the_chain() -> None:
     assert pong_pmnc.ping.ping(n=5) == 5
 
 
+# -- the chain across cages (X-Pmnc-Chain) -------------------------------------------------------
+
+
+def test_a_request_s_chain_is_refused_when_it_cycles_or_is_too_deep() -> None:
+    """What `request_chain` refuses before the function runs (the server calls it with the
+    request's header; tests/integration/test_calls.py sends real ones)."""
+    assert CHAIN_HEADER == "X-Pmnc-Chain"
+    with pytest.raises(CallDepthError) as info, request_chain("n.a.m.f,n.b.x.y,n.a.m.f", "m", "f"):
+        pass
+    assert info.value.cycle
+    assert info.value.chain == ("n.a.m.f", "n.b.x.y", "n.a.m.f")
+    assert str(info.value) == (
+        "a cycle of calls between cages, n.a.m.f is already in the chain: "
+        "n.a.m.f -> n.b.x.y -> n.a.m.f"
+    )
+    again = pickle.loads(pickle.dumps(info.value))
+    assert (again.chain, again.cycle, str(again)) == (info.value.chain, True, str(info.value))
+    deep = ",".join(f"n.b.x.f{i}" for i in range(MAX_DEPTH)) + ",n.a.m.f"
+    with request_chain(deep, "m", "f"):  # 32 calls before this one: the limit, not over it
+        pass
+    too_deep = request_chain("n.b.x.y," + deep, "m", "f")
+    with pytest.raises(CallDepthError, match="nested more than 32 deep"), too_deep:
+        pass
+    for bad in ("", "n.a.m.g", "n.a.m.f,", "a.m.f", "n.a.m.f x", "n.a.m.f.g.h", "n a.b.m.f"):
+        refused = pytest.raises(ValueError, match=r"X-Pmnc-Chain: expected node\.cage\.module")
+        with refused, request_chain(bad, "m", "f"):
+            pass
+
+
+def test_remote_calls_send_the_chain_and_refuse_to_close_a_cycle(server: _Server) -> None:
+    port = server.server_address[1]
+    here = HttpAddress("127.0.0.1", port)
+    routes = {"n1": {"a": here, "b": here}, "n2": {"w": here}}
+    calls = Calls("n1", "a", routes)
+    calls.add_module("front", {"go": calls.bind("front")("b").m.echo})
+    calls.loaded()
+    pmnc = calls.bind("front")
+    try:
+        # From outside any request (a background thread): the calling module starts it.
+        assert pmnc("b").m.echo() == {}
+        # Within a request from a client: the function it called starts it.
+        with request_chain(None, "front", "go"):
+            pmnc("b").m.echo()
+            pmnc.front.go()  # and an in-process call is one more entry, named in this cage
+        # Within a request that came with a chain: it goes on from there.
+        with request_chain("n2.w.api.run,n1.a.front.go", "front", "go"):
+            pmnc("n1.b").m.echo()
+            with pytest.raises(CallDepthError) as info:
+                pmnc("n2.w").api.run()  # n2's cage w serving api.run waits for this very call
+        assert server.chains == [
+            "n1.a.front,n1.b.m.echo",
+            "n1.a.front.go,n1.b.m.echo",
+            "n1.a.front.go,n1.a.front.go,n1.b.m.echo",
+            "n2.w.api.run,n1.a.front.go,n1.b.m.echo",
+        ]
+        assert info.value.cycle
+        assert info.value.chain == ("n2.w.api.run", "n1.a.front.go", "n2.w.api.run")
+        assert server.requests == ["/m/echo"] * 4  # the cycle was refused before sending
+        deep = request_chain(",".join(f"n.b.x.f{i}" for i in range(MAX_DEPTH + 1)), "x", "f32")
+        with deep, pytest.raises(CallDepthError, match="nested more than 32 deep"):
+            pmnc("b").m.echo()
+    finally:
+        calls.close()
+
+
 def test_calls_wait_for_every_module_to_load() -> None:
     calls = Calls("n1", "demo", {"n1": {}})
     calls.add_module("a", {"f": lambda: "a.f"})
@@ -214,6 +337,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         with self.server.lock:
             self.server.requests.append(self.path)
+            self.server.chains.append(self.headers.get("X-Pmnc-Chain"))
         name = self.path.rsplit("/", 1)[-1]
         if name == "hangup":  # read the request, then vanish: as a worker killed mid-call
             self.close_connection = True
@@ -248,6 +372,7 @@ class _Server(http.server.ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.connections = 0
         self.requests: list[str] = []
+        self.chains: list[str | None] = []
         self.finished = threading.Event()
 
 
@@ -345,6 +470,33 @@ def test_timeouts(server: _Server, calls: Calls) -> None:
             pmnc("b", timeout=bad)
     with pytest.raises(TypeError, match="timeout"):
         pmnc("b", timeout=True)
+
+
+def test_a_call_to_a_peer_node_goes_to_its_listed_address(server: _Server, tmp_path: Path) -> None:
+    """`pmnc("n2.b")` from a node whose config lists peer n2's cage b: a real POST to it."""
+    port = server.server_address[1]
+    cfg = NodeConfig(
+        file=tmp_path / "n.yaml",
+        node="n1",
+        data_dir=tmp_path,
+        cages=(CageConfig("a", tmp_path),),
+        replication=ReplicationConfig(
+            HttpAddress("127.0.0.1", 7100),
+            peers=(
+                PeerConfig(
+                    "n2", HttpAddress("127.0.0.1", 7200), {"b": HttpAddress("127.0.0.1", port)}
+                ),
+            ),
+        ),
+    )
+    layer = Calls.for_node(cfg, "a")
+    try:
+        assert layer.bind("front")("n2.b").m.echo(via="peer") == {"via": "peer"}
+        assert server.requests == ["/m/echo"]
+        with pytest.raises(NotFoundError, match="no cage 'b' in node 'n1'"):
+            layer.bind("front")("b").m.echo()
+    finally:
+        layer.close()
 
 
 def test_where_a_call_cannot_go(server: _Server, calls: Calls) -> None:
