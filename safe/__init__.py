@@ -22,15 +22,20 @@ from .errors import (
     SafeForkError,
     SafeNeedsRecoveryError,
     SafeNoSpaceError,
+    SafeNotAcknowledgedError,
+    SafeNotMasterError,
     SafePermissionError,
     SafeTimeoutError,
 )
 from .queue import Delivery, Queue
+from .replication import ACK_POLICIES, Replication
 from .store import DEFAULT_CACHE_SIZE, DEFAULT_MIN_FREE_SPACE, Safe
 
 __all__ = [
+    "ACK_POLICIES",
     "Delivery",
     "Queue",
+    "Replication",
     "Safe",
     "SafeBusyError",
     "SafeClosedError",
@@ -39,6 +44,8 @@ __all__ = [
     "SafeForkError",
     "SafeNeedsRecoveryError",
     "SafeNoSpaceError",
+    "SafeNotAcknowledgedError",
+    "SafeNotMasterError",
     "SafePermissionError",
     "SafeTimeoutError",
     "backup",

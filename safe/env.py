@@ -62,9 +62,12 @@ from .errors import (
     SafeForkError,
     SafeNeedsRecoveryError,
     SafeNoSpaceError,
+    SafeNotAcknowledgedError,
+    SafeNotMasterError,
     SafePermissionError,
     SafeTimeoutError,
 )
+from .replication import Replicated, Replication
 from .wake import Wake
 
 log = logging.getLogger("pmnc.safe")
@@ -103,6 +106,10 @@ DB_OPEN_FLAGS = db.DB_THREAD | db.DB_AUTO_COMMIT
 # A lock request waiting longer than this is expired by the maintenance thread's detector run and
 # retried by the funnel; the caller's own deadline bounds the whole call.
 LOCK_TIMEOUT_S = 0.5
+# The same for a replicated safe: repmgr's own transactions share the lock table, and with
+# 0.5 s a site joining a group waited 29 s instead of 0.06 s for its membership update
+# (measured; tests/integration/test_replication_safe.py times a join).
+REPLICATED_LOCK_TIMEOUT_S = 2.0
 # The maintenance thread's period: it bounds how late an expired lock wait is noticed.
 TICK_S = 0.1
 # Checkpoint as soon as this much log was written since the last one, whatever the interval.
@@ -149,6 +156,15 @@ RECOVERY_TODO = (
 )
 
 _RETRYABLE = (db.DBLockDeadlockError, db.DBLockNotGrantedError)
+# A replicated environment's transient states, retried like a deadlock: internal init or a sync
+# with a new master holds operations off (LOCKOUT), repmgr not ready yet (UNAVAIL).
+_REP_RETRYABLE = (db.DBRepLockoutError, db.DBRepUnavailError)
+# How long a replication process's open waits for its data file to arrive from the master
+# (a new site joining an existing group) before giving up with a SafeError.
+JOIN_TIMEOUT_S = 60.0
+# Once the first ticks are past, TCP_NODELAY is looked for on new sockets this often (and at
+# once after a connection event): subordinates see few events (safe/replication.py).
+NODELAY_TICKS = 10
 
 
 @dataclass(frozen=True)
@@ -324,7 +340,13 @@ def _pin(obj: object) -> None:
 
 
 def _open_env(
-    path: Path, *, cache_size: int, recover: int, min_free_space: int, register: bool = True
+    path: Path,
+    *,
+    cache_size: int,
+    recover: int,
+    min_free_space: int,
+    register: bool = True,
+    replicated: Replicated | None = None,
 ) -> Any:
     """Open (creating if needed) the environment at `path` with our flags, or raise SafeError."""
     if min_free_space > 0:
@@ -347,10 +369,15 @@ def _open_env(
         # ones so that whoever creates it (supervisor or a standalone process) configures it.
         env.set_cachesize(cache_size >> 30, cache_size & ((1 << 30) - 1), 1)
         env.set_lk_detect(db.DB_LOCK_DEFAULT)
-        env.set_timeout(int(LOCK_TIMEOUT_S * 1_000_000), db.DB_SET_LOCK_TIMEOUT)
+        lock_timeout = LOCK_TIMEOUT_S if replicated is None else REPLICATED_LOCK_TIMEOUT_S
+        env.set_timeout(int(lock_timeout * 1_000_000), db.DB_SET_LOCK_TIMEOUT)
         # Applies to the next log file, also in an existing environment (docs/footprint.md).
         env.set_lg_max(LOG_FILE_SIZE)
         flags = ENV_FLAGS if register else ENV_FLAGS & ~db.DB_REGISTER
+        if replicated is not None:
+            # Before the open, identically in every process (safe/replication.py).
+            replicated.configure(env)
+            flags |= db.DB_INIT_REP
         # Log files get FILE_MODE exactly (libdb fchmods them), not 0600 cut by the umask: set
         # before the open for the logs recovery writes, and after it into the shared region,
         # which a region created by an older pmnc holds without it.
@@ -361,6 +388,8 @@ def _open_env(
         _reserve_regions(path, env, {})
         # The regions hold cached pages of the data; __db.register is created 0660.
         _make_private(path)
+        if replicated is not None:
+            replicated.start(env)
     except (db.DBError, OSError) as e:
         _close_env(env, e)
         raise translate(path, "open the environment", e) from e
@@ -518,6 +547,43 @@ def _open_db(path: Path, env: Any, *, create: bool) -> Any:
     if create:
         _private(path / DB_FILE, FILE_MODE)  # created 0600 cut by the umask: make it exact
     return handle
+
+
+def _open_replicated_db(path: Path, env: Any, replicated: Replicated, *, create: bool) -> Any:
+    """Open the data file of a replicated safe, which only its master may create.
+
+    The replication process of a site that has none yet (a new site) waits for it to come from
+    the master (Berkeley DB's internal init), or for this site to be elected and create it. The
+    first opens after a sync can meet repmgr's own locks: retried (docs/berkeleydb.md).
+    """
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    waited = False
+    while True:
+        exists = (path / DB_FILE).exists()
+        try:
+            master = replicated.is_master(env)
+            if exists or (create and master) or not replicated.primary:
+                return _open_db(path, env, create=create and master and not exists)
+        except SafeError as e:
+            if not isinstance(e.__cause__, _RETRYABLE + _REP_RETRYABLE) and not (
+                isinstance(e.__cause__, db.DBAccessError | db.DBRepHandleDeadError)
+            ):
+                raise
+        except db.DBError as e:
+            if not isinstance(e, _RETRYABLE + _REP_RETRYABLE):
+                raise translate(path, "open", e) from e
+        if time.monotonic() > deadline:
+            raise SafeError(
+                path,
+                "open",
+                f"no data from the group within {JOIN_TIMEOUT_S:g} s: this site has no copy yet "
+                "and no master sent one",
+                "start enough nodes of the group to elect a master; this one then catches up",
+            )
+        if not waited and not exists:
+            log.info("%s: waiting for the group's master to send this safe", path)
+            waited = True
+        time.sleep(0.05)
 
 
 def _purge_body(e: Environment, txn: Any, *, now: float) -> int:
@@ -699,9 +765,13 @@ class Environment:
         recover: bool,
         create: bool,
         min_free_space: int,
+        replication: Replication | None = None,
     ) -> None:
         self.path = path
         self.pid = os.getpid()
+        # Set for a replicated safe (safe/replication.py): the funnel then checks acks and roles.
+        self.replicated = None if replication is None else Replicated(replication, path.name)
+        self._db_generation = 0  # bumped when a replication rollback made the handles dead
         self.generation = _fork_generation
         self.refs = 0
         # The one flag every call checks: False once closed, panicked or inherited across a
@@ -754,9 +824,13 @@ class Environment:
             cache_size=cache_size,
             recover=db.DB_RECOVER if recover else 0,
             min_free_space=min_free_space,
+            replicated=self.replicated,
         )
         try:
-            self._db = _open_db(path, self._env, create=create)
+            if self.replicated is not None:
+                self._db = _open_replicated_db(path, self._env, self.replicated, create=create)
+            else:
+                self._db = _open_db(path, self._env, create=create)
         except SafeError as e:
             _close_env(self._env, e)
             raise
@@ -820,7 +894,11 @@ class Environment:
                 self.raise_unusable(what)
             started = time.perf_counter_ns()
             attempt = 0
+            replicated = self.replicated
             while True:
+                if replicated is not None:
+                    replicated.clear()
+                    generation = self._db_generation
                 try:
                     result = body(*args)
                 except _RETRYABLE as e:
@@ -828,14 +906,96 @@ class Environment:
                     self._backoff(what, options, started, attempt, e)
                     continue
                 except db.DBError as e:
+                    if replicated is not None and self._replication_retry(e, generation):
+                        attempt += 1
+                        self._backoff(what, options, started, attempt, e)
+                        continue
                     self.stats.error(what)
                     if isinstance(e, db.DBRunRecoveryError):
                         self.panicked = True
+                    if replicated is not None and isinstance(e, db.DBAccessError):
+                        raise self._not_master(what) from e
                     raise translate(self.path, what, e) from e
+                if replicated is not None and replicated.failed():
+                    self.stats.error(what)
+                    raise self._not_acknowledged(what)
                 self.stats.record(what, time.perf_counter_ns() - started, attempt)
                 return result
         finally:
             next(self._calls_done)
+
+    def _replication_retry(self, e: BaseException, generation: int) -> bool:
+        """Whether a failed attempt on a replicated safe is worth another: repmgr busy with
+        a sync (its handles held off), or a rollback that made this process's handles dead
+        (Berkeley DB's DB_REP_HANDLE_DEAD: they must be reopened)."""
+        if isinstance(e, _REP_RETRYABLE):
+            return True
+        if isinstance(e, db.DBRepHandleDeadError):
+            self._reopen_databases(generation)
+            return True
+        return False
+
+    def _reopen_databases(self, generation: int) -> None:
+        """New handles on the data and aux files after a replication rollback; the dead ones are
+        pinned, not closed, since another thread may still be inside a call on them."""
+        with self._aux_lock:
+            if generation != self._db_generation:
+                return  # another thread reopened them already
+            handle = _open_db(self.path, self._env, create=False)
+            _pin(self._db)
+            self._db = handle
+            self.db_get = handle.get
+            self.db_put = handle.put
+            if self._aux is not None:
+                for old in self._aux.values():
+                    _pin(old)
+                self._aux = None  # reopened on next use
+            self._db_generation += 1
+        log.warning("%s: reopened after a replication rollback", self.path)
+
+    def _not_master(self, what: str) -> SafeNotMasterError:
+        assert self.replicated is not None
+        try:
+            master = self.replicated.master(self._env)
+        except db.DBError:
+            master = None
+        where = "the group has no master now"
+        if master is not None:
+            where = f"the master is {master[0]}:{master[1]}"
+        return SafeNotMasterError(
+            self.path,
+            what,
+            f"this replicated safe is a client: writes go to the master ({where})",
+            "send the write to the master's node; pmnc-runtime does this by itself",
+            master=master,
+        )
+
+    def _not_acknowledged(self, what: str) -> SafeNotAcknowledgedError:
+        assert self.replicated is not None
+        config = self.replicated.config
+        return SafeNotAcknowledgedError(
+            self.path,
+            what,
+            f"committed on this site, but not acknowledged by the group (ack: {config.ack}) "
+            "within the ack timeout: a failover before the others catch up may lose it",
+            "check that enough nodes of the group are up; read the key back before retrying "
+            "a write that is not idempotent",
+        )
+
+    def is_master(self) -> bool:
+        """True unless this is a replicated safe whose site is not master now."""
+        if self.replicated is None:
+            return True
+        try:
+            return self.replicated.is_master(self._env)
+        except db.DBError:
+            return False
+
+    def replication_info(self) -> dict[str, Any] | None:
+        """Role, master, log position, sync state of a replicated safe (None if not one)."""
+        if self.replicated is None or not self.usable:
+            return None
+        return self.replicated.info(self._env)
 
     def _backoff(
         self, what: str, options: Options, started: int, attempt: int, e: BaseException
@@ -1171,7 +1331,10 @@ class Environment:
         txn_stat = self._env.txn_stat()
         mpool = self._env.memp_stat()[0]
         hits, misses = mpool.get("cache_hit", 0), mpool.get("cache_miss", 0)
-        return {
+        info: dict[str, Any] = {}
+        if self.replicated is not None:
+            info["replication"] = self.replicated.info(self._env)
+        return info | {
             "last_checkpoint": txn_stat.get("time_ckp", 0),
             "cache_hit_ratio": hits / (hits + misses) if hits + misses else 1.0,
             "log_bytes": sum(
@@ -1202,7 +1365,12 @@ class Environment:
                 if self.panicked:
                     continue
                 self._maintain_space()
-                if ticks % PURGE_TICKS == 0:
+                replicated = self.replicated
+                if replicated is not None and (
+                    replicated.sweep_due or ticks < 50 or ticks % NODELAY_TICKS == 0
+                ):
+                    replicated.nodelay_sweep()
+                if ticks % PURGE_TICKS == 0 and self.is_master():
                     self.purge_expired()
                 if time.monotonic() - last_forced >= self._checkpoint_interval:
                     self._env.txn_checkpoint(0, 0, 0)
@@ -1344,6 +1512,7 @@ def acquire(
     recover: bool,
     create: bool,
     min_free_space: int,
+    replication: Replication | None = None,
 ) -> Environment:
     """This process's environment for `path`, opened on first use and counted per user."""
     key = _key(path)
@@ -1356,6 +1525,13 @@ def acquire(
                 "this process already holds a panicked handle on it",
                 "exit this process; under pmnc-runtime the supervisor recovers the safe",
             )
+        if env is not None:
+            theirs = None if env.replicated is None else env.replicated.config
+            if theirs != replication:
+                raise ValueError(
+                    f"{key}: already open in this process with replication={theirs!r}; "
+                    "every opening of a safe in one process must give the same"
+                )
         if env is None:
             env = Environment(
                 key,
@@ -1364,6 +1540,7 @@ def acquire(
                 recover=recover,
                 create=create,
                 min_free_space=min_free_space,
+                replication=replication,
             )
             _registry[key] = env
         env.refs += 1

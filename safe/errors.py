@@ -7,6 +7,7 @@ putting the remedy in the error, so that a log line alone tells an operator what
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class SafeError(Exception):
@@ -63,3 +64,32 @@ class SafeBusyError(SafeError):
 
 class SafeForkError(SafeError):
     """A `Safe` was used in a process other than the one that opened it (open it after fork)."""
+
+
+class SafeNotMasterError(SafeError):
+    """A write reached a replicated safe where it is not master; nothing was written here.
+
+    `master` is the master site's (host, port), or None while the group has none (an election,
+    or too few sites up to elect one). The runtime carries the call out on the master's node.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        what: str,
+        why: str,
+        todo: str = "",
+        master: tuple[str, int] | None = None,
+    ) -> None:
+        super().__init__(path, what, why, todo)
+        self.master = master
+
+    def __reduce__(self) -> tuple[type[SafeError], tuple[Any, ...]]:
+        return (type(self), (self.path, self.what, self.why, self.todo, self.master))
+
+
+class SafeNotAcknowledgedError(SafeError):
+    """A write was committed on this (master) site but not acknowledged by the group as its
+    ack policy requires within the ack timeout: it is not durable across machines, and a
+    failover before the other sites catch up may lose it. Its outcome is unknown to the caller:
+    retry only what is idempotent, or read back after the group recovers."""

@@ -42,6 +42,7 @@ from . import env as _env
 from . import expiry as _expiry
 from . import queue as _queue
 from .errors import SafeClosedError
+from .replication import Replication
 
 PICKLE_PROTOCOL = 5
 DEFAULT_MAX_VALUE_SIZE = 64 << 20
@@ -123,6 +124,7 @@ class Safe(MutableMapping[str, object]):
         checkpoint_interval: float = 30.0,
         recover: bool = True,
         create: bool = True,
+        replication: Replication | None = None,
     ) -> Safe:
         """Open the safe in directory `path`, creating it if missing (unless `create=False`).
 
@@ -130,6 +132,9 @@ class Safe(MutableMapping[str, object]):
         DB_REGISTER tells); processes that are still using it then get SafeNeedsRecoveryError.
         Workers under a supervisor that recovers by itself pass `recover=False`.
         `cache_size` only applies when this open creates the environment's regions.
+        `replication` joins the safe to a group of sites (`pmnc.safe.Replication`, README
+        "Replicated safes"): writes then succeed only where it is master (SafeNotMasterError
+        elsewhere) and raise SafeNotAcknowledgedError when the group did not acknowledge them.
         """
         if not os.fspath(path):  # dbm refuses it too: "" would make the current directory a safe
             raise ValueError("a safe's path must not be empty")
@@ -148,6 +153,7 @@ class Safe(MutableMapping[str, object]):
             recover=recover,
             create=create,
             min_free_space=min_free_space,
+            replication=replication,
         )
         options = _env.Options(durable=durable, timeout=timeout, min_free_space=min_free_space)
         return cls(environment, options, max_value_size)
@@ -626,6 +632,16 @@ class Safe(MutableMapping[str, object]):
         environment.call("set", self._options, environment.put_one, self._options, k, data)
 
     # -- maintenance -------------------------------------------------------------------------------
+
+    def replication(self) -> dict[str, Any] | None:
+        """A replicated safe's state here: `role` ("master", "client" or "none" during an
+        election), `master` ("host:port" or None), `lsn` (log position reached), `synced`,
+        `peers_connected`; None for a safe that is not replicated."""
+        return self._environment_for("replication").replication_info()
+
+    def is_master(self) -> bool:
+        """Whether a write here can succeed now: always, unless replicated and not master."""
+        return self._environment_for("is_master").is_master()
 
     def checkpoint(self) -> None:
         """Checkpoint now: flush the cache, and let log files no longer needed be removed."""

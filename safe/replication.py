@@ -1,0 +1,286 @@
+"""Replicated safes: joining a safe's environment to a group with Berkeley DB's replication
+manager (repmgr), the configuration it needs and the state the rest of the store reads.
+
+A replicated safe is one repmgr *site*: its own listening address, the same safe's sites on
+the other nodes as peers. One site of the group is master (elected); the others are clients
+that apply its log. What this module relies on is in docs/berkeleydb.md ("Replication"), each
+fact with the test that proves it (tests/integration/test_replication_safe.py):
+
+- The first process to call `repmgr_start` on an environment is its replication process
+  (listener, elections, applying the master's log); later ones are subordinates (repmgr answers
+  DB_REP_IGNORE) that send their own commits to the clients over their own connections. The
+  replication process must not fork. Whoever opens first is therefore the replication process:
+  under pmnc-runtime a dedicated child per cage, before any worker.
+- Everything that shapes the region (ack policy, timeouts, event callback) is set before
+  `open`, identically in every process: changing the ack policy on a live environment silently
+  broke QUORUM in libdb 5.3.28.
+- A commit that did not get its acknowledgements within the ack timeout still returns success;
+  the only sign is DB_EVENT_REP_PERM_FAILED, delivered in the committing thread. `Replicated`
+  keeps a per-thread flag that the funnel clears before a call and checks after it.
+- libdb 5.3's repmgr never sets TCP_NODELAY: every acknowledged commit then waits for the
+  peer's delayed ACK (~40 ms). `nodelay_sweep` sets it on this process's sockets (after a
+  connection event, and on a timer for subordinates, which see few events).
+- A write on a client raises DBAccessError (BDB0111); `rep_stat()` says who is master.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from berkeleydb import db
+
+log = logging.getLogger("pmnc.safe")
+
+ACK_POLICIES = {
+    "quorum": db.DB_REPMGR_ACKS_QUORUM,  # a majority of the electable sites, this one included
+    "all": db.DB_REPMGR_ACKS_ALL,  # every site of the group
+    "one": db.DB_REPMGR_ACKS_ONE_PEER,  # at least one electable peer
+    "none": db.DB_REPMGR_ACKS_NONE,  # no wait: a failover may lose the latest writes
+}
+# Timeouts in seconds (repmgr takes microseconds). Default ELECTION_RETRY (10 s) made a restart
+# take 10-12 s; heartbeats are off by default, and without them a hung (SIGSTOPped) master is
+# never replaced (docs/berkeleydb.md, "Replication").
+TIMEOUTS = {
+    db.DB_REP_ACK_TIMEOUT: 1.0,
+    db.DB_REP_ELECTION_RETRY: 1.0,
+    db.DB_REP_ELECTION_TIMEOUT: 0.5,
+    db.DB_REP_CONNECTION_RETRY: 0.5,
+    db.DB_REP_HEARTBEAT_SEND: 0.2,
+    db.DB_REP_HEARTBEAT_MONITOR: 1.0,
+}
+START_THREADS = 3  # repmgr's message threads in the replication process
+# repmgr_start in two sites joining at the same instant: one gets DB_REP_UNAVAIL, then succeeds.
+START_RETRY_S = 0.1
+START_TIMEOUT_S = 10.0
+# How long a subordinate's open waits for its own connections to the peers (see above).
+SUBORDINATE_CONNECT_S = 3.0
+_MASTER = 2  # rep_stat()["status"] values (DB_REP_MASTER, DB_REP_CLIENT)
+_CLIENT = 1
+
+
+@dataclass(frozen=True)
+class Replication:
+    """How one safe joins its group: its own site address, the same safe's sites elsewhere.
+
+    `ack` is one of ACK_POLICIES; `priority` 0 means never master. Exactly one site of a new
+    group creates it: the one whose address sorts first among `local` and `peers`, so every
+    node decides the same without talking (later starts join the existing group).
+    """
+
+    local: tuple[str, int]
+    peers: tuple[tuple[str, int], ...] = ()
+    ack: str = "quorum"
+    priority: int = 100
+
+    def __post_init__(self) -> None:
+        if self.ack not in ACK_POLICIES:
+            raise ValueError(f"ack: expected one of {', '.join(ACK_POLICIES)}, got {self.ack!r}")
+        if not 0 <= self.priority <= 1_000_000:
+            raise ValueError(f"priority: expected 0..1000000, got {self.priority!r}")
+        if self.local in self.peers:
+            raise ValueError(f"peers: {self.local} is this site's own address")
+
+    @property
+    def creator(self) -> bool:
+        return self.local == min((self.local, *self.peers))
+
+
+class Replicated:
+    """The replication state of one environment in this process: role, events, per-thread
+    "not acknowledged" flags. Created before the environment is opened."""
+
+    def __init__(self, config: Replication, name: str) -> None:
+        self.config = config
+        self.name = name
+        self.primary = False  # this process is the environment's replication process
+        self._thread = threading.local()
+        self._lock = threading.Lock()
+        self.perm_failed = 0
+        self.role_changes = 0
+        self._swept: set[str] = set()
+        self.sweep_due = True  # a connection was made since the last sweep
+
+    # -- before open ------------------------------------------------------------------------------
+
+    def configure(self, env: Any) -> None:
+        env.set_event_notify(self._on_event)
+        env.repmgr_set_ack_policy(ACK_POLICIES[self.config.ack])
+        env.rep_set_priority(self.config.priority)
+        for which, seconds in TIMEOUTS.items():
+            env.rep_set_timeout(which, int(seconds * 1_000_000))
+
+    # -- after open ------------------------------------------------------------------------------
+
+    def start(self, env: Any) -> None:
+        """Configure the sites and start repmgr: the first process becomes the replication
+        process, later ones subordinates. Raises the Berkeley DB error if it cannot start."""
+        host, port = self.config.local
+        site = env.repmgr_site(host, port)
+        try:
+            site.set_config(db.DB_LOCAL_SITE, 1)
+            if self.config.creator:
+                site.set_config(db.DB_GROUP_CREATOR, 1)
+        finally:
+            site.close()
+        for host, port in self.config.peers:
+            site = env.repmgr_site(host, port)
+            try:
+                site.set_config(db.DB_BOOTSTRAP_HELPER, 1)
+            finally:
+                site.close()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                env.repmgr_start(START_THREADS, db.DB_REP_ELECTION)
+            except db.DBRepUnavailError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(START_RETRY_S)
+                continue
+            except db.DBError as e:
+                if e.args and e.args[0] == db.DB_REP_IGNORE:
+                    self.primary = False  # another process runs replication: a subordinate
+                    self._await_connections(env)
+                    return
+                raise
+            self.primary = True
+            return
+
+    def _await_connections(self, env: Any) -> None:
+        """Wait (boundedly) until this subordinate has its own connection to every peer the
+        replication process is connected to: its commits are sent over its own connections,
+        and one made before they exist gets no acknowledgement (measured: the first writes of
+        a fresh subordinate on a master raised PERM_FAILED; tests/integration/
+        test_replication_safe.py)."""
+        deadline = time.monotonic() + SUBORDINATE_CONNECT_S
+        while time.monotonic() < deadline:
+            wanted = {
+                int(entry[1])
+                for entry in env.repmgr_site_list().values()
+                if entry[2] == db.DB_REPMGR_CONNECTED
+            }
+            if wanted <= _connected_ports():
+                return
+            time.sleep(0.02)
+
+    # -- events (on a libdb thread, holding the GIL; an exception here is printed and lost) -----
+
+    def _on_event(self, _env: Any, event: int, _info: Any) -> None:
+        if event == db.DB_EVENT_REP_PERM_FAILED:
+            self._thread.failed = True
+            self.perm_failed += 1
+        elif event == db.DB_EVENT_REP_CONNECT_ESTD:
+            self.sweep_due = True
+        elif event in (db.DB_EVENT_REP_MASTER, db.DB_EVENT_REP_CLIENT):
+            self.role_changes += 1
+            if self.primary:
+                role = "master" if event == db.DB_EVENT_REP_MASTER else "client"
+                log.info("%s: this site is now %s", self.name, role)
+
+    def clear(self) -> None:
+        self._thread.failed = False
+
+    def failed(self) -> bool:
+        return bool(getattr(self._thread, "failed", False))
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def is_master(env: Any) -> bool:
+        return bool(env.rep_stat()["status"] == _MASTER)
+
+    def master(self, env: Any) -> tuple[str, int] | None:
+        """The master site's address, or None while there is none (an election)."""
+        st = env.rep_stat()
+        if st["status"] == _MASTER:
+            return self.config.local
+        if st["status"] != _CLIENT or st["master"] < 0:
+            return None
+        entry = env.repmgr_site_list().get(st["master"])
+        return (entry[0], int(entry[1])) if entry else None
+
+    def info(self, env: Any) -> dict[str, Any]:
+        """Role, master, log position and sync state, for status reports."""
+        st = env.rep_stat()
+        role = {_MASTER: "master", _CLIENT: "client"}.get(st["status"], "none")
+        master = self.master(env)
+        if role == "master":
+            lsn = tuple(env.log_stat()[k] for k in ("cur_file", "cur_offset"))
+        else:
+            lsn = st["next_lsn"]
+        sites = env.repmgr_site_list().values()
+        connected = sum(1 for e in sites if e[2] == db.DB_REPMGR_CONNECTED)
+        return {
+            "role": role,
+            "master": f"{master[0]}:{master[1]}" if master else None,
+            "lsn": [int(lsn[0]), int(lsn[1])],
+            "synced": role == "master" or bool(st["startup_complete"]),
+            "queued": int(st["log_queued"]),
+            "peers_connected": connected,
+            "peers": len(self.config.peers),
+            "perm_failed": self.perm_failed,
+            "elections": int(st["elections"]),
+        }
+
+    # -- TCP_NODELAY -----------------------------------------------------------------------------
+
+    def nodelay_sweep(self) -> None:
+        """Set TCP_NODELAY on this process's TCP sockets not seen before (repmgr's among them)."""
+        self.sweep_due = False
+        try:
+            fds = os.listdir("/proc/self/fd")
+        except OSError:
+            return
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if not target.startswith("socket:") or target in self._swept:
+                continue
+            self._swept.add(target)
+            try:
+                # A duplicate descriptor: the option is the socket's, the original stays repmgr's.
+                sock = socket.socket(fileno=os.dup(int(fd)))
+            except OSError:
+                continue
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # not TCP (a pipe-like or UNIX socket)
+            finally:
+                sock.close()  # the duplicate only
+        if len(self._swept) > 4096:
+            self._swept.clear()
+
+
+def _connected_ports() -> set[int]:
+    """Remote ports of this process's established TCP connections (from /proc)."""
+    inodes: set[str] = set()
+    try:
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    except OSError:
+        return set()
+    ports: set[int] = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "01" and fields[9] in inodes:
+                        ports.add(int(fields[2].rsplit(":", 1)[1], 16))
+        except OSError:
+            continue
+    return ports
