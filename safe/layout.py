@@ -57,7 +57,8 @@ def is_safe(path: str | os.PathLike[str]) -> bool:
 
 
 def disk_usage(path: str | os.PathLike[str]) -> DiskUsage:
-    """What the safe at `path` takes on disk; files removed meanwhile count as nothing."""
+    """What the safe at `path` takes on disk (a log or region file removed meanwhile counts as
+    nothing; no data file is an OSError: ask `is_safe` first)."""
     p = Path(path)
     return DiskUsage(data=(p / DB_FILE).stat().st_size, log=log_bytes(p), regions=region_bytes(p))
 
