@@ -120,7 +120,7 @@ class _Histogram:
 
     def __init__(self, bounds: int) -> None:
         self.counts = [0] * (bounds + 1)  # per bucket, not cumulative; the last one: +Inf
-        # Integer nanoseconds, like the safes' (safe/env.py): integer sums come out the same in
+        # Integer nanoseconds, like the safes' (safe/stats.py): integer sums come out the same in
         # any order, where float sums of the same figures can differ in the last bit, and a
         # scrape adding live reports and totals in another order would seem to go backwards.
         self.sum_ns = 0

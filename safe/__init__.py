@@ -6,14 +6,15 @@
 
 Every call is one transaction, atomic and (by default) durable when it returns. This package
 knows nothing of the runtime; `prepare`, `recover` and `users` are what a supervisor or an
-operator's tool needs around it.
+operator's tool needs around it, `is_safe` and `disk_usage` what it asks of a directory instead
+of knowing a safe's file names.
 """
 
 from __future__ import annotations
 
 import os
 
-from . import env as _env
+from . import admin as _admin
 from .errors import (
     SafeBusyError,
     SafeClosedError,
@@ -27,6 +28,7 @@ from .errors import (
     SafePermissionError,
     SafeTimeoutError,
 )
+from .layout import DiskUsage, disk_usage, is_safe
 from .queue import Delivery, Queue
 from .replication import ACK_POLICIES, Replication
 from .store import DEFAULT_CACHE_SIZE, DEFAULT_MIN_FREE_SPACE, Safe
@@ -34,6 +36,7 @@ from .store import DEFAULT_CACHE_SIZE, DEFAULT_MIN_FREE_SPACE, Safe
 __all__ = [
     "ACK_POLICIES",
     "Delivery",
+    "DiskUsage",
     "Queue",
     "Replication",
     "Safe",
@@ -49,6 +52,8 @@ __all__ = [
     "SafePermissionError",
     "SafeTimeoutError",
     "backup",
+    "disk_usage",
+    "is_safe",
     "prepare",
     "recover",
     "restore",
@@ -67,29 +72,29 @@ def prepare(
 
     For a supervisor before it forks its workers. Returns the seconds it took.
     """
-    return _env.prepare(path, cache_size=cache_size, min_free_space=min_free_space)
+    return _admin.prepare(path, cache_size=cache_size, min_free_space=min_free_space)
 
 
 def recover(path: str | os.PathLike[str], *, catastrophic: bool = False) -> float:
     """Recover a safe that no process is using (SafeBusyError naming the pids otherwise)."""
-    return _env.recover(path, catastrophic=catastrophic)
+    return _admin.recover(path, catastrophic=catastrophic)
 
 
 def users(path: str | os.PathLike[str]) -> list[int]:
     """The pids of the processes that have the safe open now."""
-    return _env.users(path)
+    return _admin.users(path)
 
 
 def verify(path: str | os.PathLike[str]) -> None:
     """Check a safe that no process is using; SafeCorruptError if its database is damaged."""
-    _env.verify(path)
+    _admin.verify(path)
 
 
 def backup(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
     """Hot backup into a new or empty directory, proven restorable; returns its key count."""
-    return _env.backup(path, dest)
+    return _admin.backup(path, dest)
 
 
 def restore(backup_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> int:
     """Replace a stopped (or create a new) safe with a backup; returns its key count."""
-    return _env.restore(backup_dir, path)
+    return _admin.restore(backup_dir, path)

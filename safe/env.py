@@ -1,10 +1,15 @@
-"""Berkeley DB environments: the only module that imports the untyped `berkeleydb` binding.
+"""Berkeley DB environments: this process's handles on a safe, and the funnel every call takes.
 
 One safe is one directory holding one Berkeley DB environment and one B-tree database. This
-module owns everything that touches them: flags, opening, recovery, the retry funnel through which
-every operation passes, error translation, the per-process maintenance thread, and the rules for
-handles across fork(). What it relies on is written down, each fact with the test that proves
-it, in docs/berkeleydb.md (and, for disk and per-call costs, docs/footprint.md):
+module owns the handles a `Safe` uses: flags, opening, the retry funnel through which every
+operation passes, error translation, the per-process maintenance thread, and the rules for
+handles across fork(). It, safe/admin.py (prepare, recover, verify, backup, restore: whole
+safes, for supervisors and tools) and safe/replication.py (joining a group) are the only
+modules that import the untyped `berkeleydb` binding; the directory's files and modes are
+safe/layout.py's, the region reservation safe/regions.py's, the register reader
+safe/register.py's, the counters safe/stats.py's. What it relies on is written down, each fact
+with the test that proves it, in docs/berkeleydb.md
+(and, for disk and per-call costs, docs/footprint.md):
 
 - DB_REGISTER allows one DBEnv per process per environment, so a process keeps one
   `Environment` per directory in `_registry`, shared by every `Safe` opened on that path.
@@ -17,10 +22,11 @@ it, in docs/berkeleydb.md (and, for disk and per-call costs, docs/footprint.md):
   killed process held is not: libdb 5.3's mutexes are not robust; only killing the waiter ends it,
   which is what the runtime's supervisor does.)
 - A file-backed region that grows on a full disk kills the process with SIGBUS. Region files
-  therefore get their disk blocks reserved before libdb can touch them, lazily: the cache region
-  only ever holds pages of the data file, so its reservation follows the data file's size (plus
-  headroom), not the cache size; an idle safe stays small and a node's footprint follows its
-  data, not its number of modules (docs/footprint.md, tests/integration/test_footprint.py).
+  therefore get their disk blocks reserved before libdb can touch them (safe/regions.py),
+  lazily: the cache region only ever holds pages of the data file, so its reservation follows
+  the data file's size (plus headroom), not the cache size; an idle safe stays small and a
+  node's footprint follows its data, not its number of modules (docs/footprint.md,
+  tests/integration/test_footprint.py).
   Writes are also refused with SafeNoSpaceError while free space is under a reserve.
 - New databases get 32 KiB pages: values up to 8 KiB stay on their B-tree page, and the ones
   that go to overflow pages waste at most half of them past 43 KiB (docs/footprint.md has the
@@ -31,19 +37,15 @@ it, in docs/berkeleydb.md (and, for disk and per-call costs, docs/footprint.md):
 from __future__ import annotations
 
 import atexit
-import bisect
 import contextlib
 import copy
 import ctypes
 import errno
-import fcntl
 import functools
 import itertools
 import logging
 import os
 import random
-import stat
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,7 +57,6 @@ from berkeleydb import db
 
 from . import expiry as _expiry
 from .errors import (
-    SafeBusyError,
     SafeClosedError,
     SafeCorruptError,
     SafeError,
@@ -67,30 +68,35 @@ from .errors import (
     SafePermissionError,
     SafeTimeoutError,
 )
+from .layout import (
+    AUX_FILE,
+    DB_FILE,
+    FILE_MODE,
+    REGISTER_FILE,
+    _check_directory,
+    _lock_directory,
+    _make_private,
+    _private,
+    log_bytes,
+    region_bytes,
+)
+from .regions import _reserve_regions
+from .register import _alive, _registrants
 from .replication import Replicated, Replication
+from .stats import _Stats
 from .wake import Wake
 
 log = logging.getLogger("pmnc.safe")
 
 T = TypeVar("T")
 
-DB_FILE = "safe.db"
-REGISTER_FILE = "__db.register"
-# Expiry index and queues (docs/queues.md): named B-trees of a second file in the same
-# environment, created on first use, so that a safe that uses neither is as it was. Small pages:
-# its records are short (index entries, queue items of some hundred bytes).
-AUX_FILE = "extra.db"
+# The expiry index and queues' B-trees in AUX_FILE (docs/queues.md). Small pages: its records
+# are short (index entries, queue items of some hundred bytes).
 AUX_PAGE_SIZE = 8 << 10
 AUX_DATABASES = ("expiry", "queues")
-WAKE_FILE = "queues.wake"  # the queues' wake-up word (safe/wake.py)
 # Every this many ticks the maintenance thread purges expired keys, for at most PURGE_BUDGET_S.
 PURGE_TICKS = 5
 PURGE_BUDGET_S = 0.05
-# A safe's data is its owner's alone, whatever the umask (README, "Operating safes"): every
-# directory made to hold one is 0700 and every file in it 0600 (tests/integration/
-# test_file_modes.py walks them under umask 022 and 000).
-DIR_MODE = 0o700
-FILE_MODE = 0o600
 
 ENV_FLAGS = (
     db.DB_CREATE
@@ -128,18 +134,6 @@ CLOSE_WAIT_S = 5.0
 # Bytes a write path may add (counted twice: log and page) before it asks statvfs and extends
 # the regions' reservation itself rather than waiting for the maintenance thread's next tick.
 WRITTEN_REFRESH = 256 << 10
-LATENCY_SAMPLES = 2048  # a power of two: the ring of recent samples is indexed with a mask
-# Upper bounds (s) of the operation duration histogram's buckets, last one +Inf: from a cached
-# read (~10 us) to a durable write (~1-5 ms with fsync) to a call stuck in lock waits (the 10 s
-# default timeout). Fixed, so that every process's counts add up bucket by bucket.
-DURATION_BUCKETS = (
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
-# The same bounds in integer nanoseconds: a call is timed with perf_counter_ns, no float math.
-_BUCKETS_NS = tuple(round(b * 1e9) for b in DURATION_BUCKETS)
-# Cache of an environment that recovery (re)creates outside any Safe.open.
-RECOVERY_CACHE_SIZE = 32 << 20
 # One plain read in this many is timed (and counted by `call`); the others are only counted.
 READ_SAMPLE_EVERY = 16
 READ_SAMPLE_MASK = READ_SAMPLE_EVERY - 1  # a power of two: `n & mask` picks the sampled reads
@@ -174,159 +168,6 @@ class Options:
     durable: bool
     timeout: float
     min_free_space: int
-
-
-class _OpStats:
-    """One thread's figures for one operation: only that thread writes them, so no lock."""
-
-    __slots__ = ("buckets", "count", "nanoseconds", "next", "samples")
-
-    def __init__(self) -> None:
-        self.count = 0
-        # A ring of the recent durations (ns) gives p50/p99 of the last moments (`/_status`);
-        # the bucket counts and their sum never forget, so they add up across processes
-        # (`/metrics` histogram). Preallocated: recording allocates nothing.
-        self.samples = [0] * LATENCY_SAMPLES
-        self.next = 0
-        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
-        # Integer nanoseconds: sums of several processes' figures then add up to the same total
-        # in any order (float additions do not, and a total must never seem to go backwards).
-        self.nanoseconds = 0
-
-
-class _Stats:
-    """Per-process counters of one environment, cheap enough for every call.
-
-    Each thread records into its own `_OpStats` (found through a threading.local), so recording
-    takes no lock and allocates nothing once a thread has met an operation; `snapshot` sums the
-    threads' figures. Every figure only grows, so a snapshot taken while threads record is at
-    worst a moment behind, never backwards. A thread that has ended is folded into `_retired`
-    (its counts and histogram; the ended threads' last LATENCY_SAMPLES samples) when the next
-    thread starts recording, so memory follows the live threads, not every thread there was.
-    """
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()  # new threads, errors and snapshots: never the hot path
-        self._local = threading.local()
-        self._threads: list[tuple[threading.Thread, dict[str, _OpStats], list[int]]] = []
-        self._retired: dict[str, _OpStats] = {}
-        self._retired_retries = 0
-        self.errors: dict[str, int] = {}
-
-    def _for_thread(self) -> dict[str, _OpStats]:
-        ops: dict[str, _OpStats] = {}
-        retries = [0]
-        with self.lock:
-            live = []
-            for entry in self._threads:
-                if entry[0].is_alive():
-                    live.append(entry)
-                else:
-                    self._retire(entry[1], entry[2])
-            live.append((threading.current_thread(), ops, retries))
-            self._threads = live
-        self._local.ops = ops
-        self._local.retries = retries
-        return ops
-
-    def _retire(self, ops: dict[str, _OpStats], retries: list[int]) -> None:
-        self._retired_retries += retries[0]
-        for what, entry in ops.items():
-            total = self._retired.get(what)
-            if total is None:
-                total = self._retired[what] = _OpStats()
-                total.samples = []
-            recent = entry.samples[: min(entry.count, LATENCY_SAMPLES)]
-            total.samples = (total.samples + recent)[-LATENCY_SAMPLES:]
-            total.count += entry.count
-            total.nanoseconds += entry.nanoseconds
-            total.buckets = [a + b for a, b in zip(total.buckets, entry.buckets, strict=True)]
-
-    def record(self, what: str, nanoseconds: int, retries: int) -> None:
-        try:
-            ops: dict[str, _OpStats] = self._local.ops
-        except AttributeError:
-            ops = self._for_thread()
-        entry = ops.get(what)
-        if entry is None:
-            entry = ops[what] = _OpStats()
-        entry.count += 1
-        i = entry.next
-        entry.samples[i & (LATENCY_SAMPLES - 1)] = nanoseconds
-        entry.next = i + 1
-        entry.buckets[bisect.bisect_left(_BUCKETS_NS, nanoseconds)] += 1  # le: <= bound
-        entry.nanoseconds += nanoseconds
-        if retries:
-            self._local.retries[0] += retries
-
-    def error(self, what: str) -> None:
-        with self.lock:
-            self.errors[what] = self.errors.get(what, 0) + 1
-
-    def snapshot(self) -> dict[str, Any]:
-        counts: dict[str, int] = {}
-        buckets: dict[str, list[int]] = {}
-        sums: dict[str, int] = {}
-        samples: dict[str, list[int]] = {}
-        with self.lock:  # the retired totals change only under it: read them there
-            threads = [ops for _, ops, _ in self._threads]
-            retries = self._retired_retries + sum(r[0] for _, _, r in self._threads)
-            errors = dict(self.errors)
-            for what, entry in self._retired.items():
-                counts[what] = entry.count
-                buckets[what] = list(entry.buckets)
-                sums[what] = entry.nanoseconds
-                samples[what] = list(entry.samples)
-        for ops in threads:
-            for what, entry in list(ops.items()):  # list(): atomic against a thread adding one
-                n = entry.count
-                counts[what] = counts.get(what, 0) + n
-                total = buckets.setdefault(what, [0] * len(entry.buckets))
-                for b, c in enumerate(list(entry.buckets)):
-                    total[b] += c
-                sums[what] = sums.get(what, 0) + entry.nanoseconds
-                samples.setdefault(what, []).extend(entry.samples[: min(n, LATENCY_SAMPLES)])
-        latency: dict[str, dict[str, float]] = {}
-        for what, recent in samples.items():
-            ordered = sorted(recent)
-            if ordered:
-                latency[what] = {
-                    "p50_ms": ordered[len(ordered) // 2] / 1e6,
-                    "p99_ms": ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)] / 1e6,
-                }
-        return {
-            "ops": counts,
-            "errors": errors,
-            "retries": retries,
-            "latency": latency,
-            "durations": {what: {"counts": buckets[what], "sum_ns": sums[what]} for what in counts},
-        }
-
-
-def _lock_directory(path: Path, what: str, *, exclusive: bool) -> int:
-    """flock the safe's directory: shared while a process has the safe open, exclusive for
-    operations that need it to themselves (recover, verify, restore), so that no process can
-    open it between their check and their work. Returns the descriptor that holds the lock."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        why = "in use by another process" if exclusive else "being recovered or restored"
-        raise SafeBusyError(path, what, why, "try again when it is done") from None
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
-@contextlib.contextmanager
-def _exclusively(path: Path, what: str) -> Iterator[None]:
-    fd = _lock_directory(path, what, exclusive=True)
-    try:
-        yield
-    finally:
-        os.close(fd)
 
 
 def _peek(counter: itertools.count[int]) -> int:
@@ -396,19 +237,6 @@ def _open_env(
     return env
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-# Blocks reserved past the end of each region file for its growth (more lockers, mutexes, cache
-# buffers) before the next reservation: the maintenance thread's tick, or a write path that
-# wrote WRITTEN_REFRESH bytes.
-REGION_HEADROOM = 512 << 10
-# The buffer cache's: libdb grows it by at most 1 MiB at a time (measured), and writes between
-# two reservations (WRITTEN_REFRESH per process) add pages to it that the data file has not yet.
-CACHE_HEADROOM = 2 << 20
-# `__db.001` (locks, log, transactions) reached 1,073,152 bytes at most under load (measured).
-PRIMARY_RESERVE = 5 << 18
-_FALLOC_FL_KEEP_SIZE = 1
-
-
 def _close_env(env: Any, failure: BaseException | None) -> None:
     """Close a DBEnv on the way out of a failed or finished operation, unless it panicked:
     closing a panicked environment was seen to spin forever, so it is pinned instead."""
@@ -419,102 +247,12 @@ def _close_env(env: Any, failure: BaseException | None) -> None:
         env.close()
 
 
-@contextlib.contextmanager
-def _environment(path: Path, what: str, **open_args: Any) -> Iterator[Any]:
-    """A DBEnv for one whole-environment operation: Berkeley DB errors inside become SafeErrors
-    naming `what`, and the env is closed at the end (pinned instead if it panicked)."""
-    env = _open_env(path, **open_args)
-    failure: BaseException | None = None
-    try:
-        yield env
-    except SafeError as e:
-        failure = e
-        raise
-    except db.DBError as e:
-        failure = e
-        raise translate(path, what, e) from e
-    finally:
-        _close_env(env, failure)
-
-
 def _checkpoint_fully(env: Any) -> None:
     """Checkpoint twice: log removal keeps the log from where the last checkpoint began, so
     the second one also lets go of what was written while the first one ran (docs/berkeleydb.md,
     "Checkpoints and log removal")."""
     env.txn_checkpoint(0, 0, db.DB_FORCE)
     env.txn_checkpoint(0, 0, db.DB_FORCE)
-
-
-def _fallocate_keep_size(fd: int, length: int) -> None:
-    """Reserve blocks up to `length` without changing the file's size (Linux fallocate(2))."""
-    if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, ctypes.c_long(0), ctypes.c_long(length)):
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _reserve_regions(path: Path, env: Any, reserved: dict[str, int]) -> None:
-    """Give the region files real disk blocks before libdb touches them, as lazily as is safe.
-
-    Region files are mmapped; libdb grows them as sparse files, and touching a page that a full
-    disk cannot back kills the process with SIGBUS (reads included: the cache fills on reads).
-    Each file's holes are filled and blocks are reserved past its end (fallocate KEEP_SIZE):
-
-    - the buffer cache (the last region file) as far as it could grow before the next call:
-      every page the data file has (reads can bring in nothing else), plus CACHE_HEADROOM for
-      pages that writes create and libdb's growth step (at most 1 MiB, measured), plus twice
-      what it grew since the previous call; never past the cache's maximum (`regmax`);
-    - the mutex region (`__db.002`, written whole at creation) to its maximum;
-    - the others (`__db.001`: locks, log, transactions) REGION_HEADROOM past their end, and at
-      least PRIMARY_RESERVE.
-
-    Called at every opening, by the maintenance thread every tick, and by a write path every
-    WRITTEN_REFRESH bytes. On a disk too full this fails cleanly with ENOSPC instead of a SIGBUS
-    later. `reserved` (per file name) remembers what was reserved and the size then, so a call
-    with nothing new to reserve costs a few fstats.
-    """
-    mpool = env.memp_stat()[0]
-    cache_max = mpool.get("regmax", 0)
-    mutex_max = env.mutex_stat().get("regmax", 0)
-    try:
-        data_size = os.stat(path / DB_FILE).st_size
-    except FileNotFoundError:
-        data_size = 0
-    names = sorted(path.glob("__db.0[0-9][0-9]"))
-    for n, region in enumerate(names):
-        fd = os.open(region, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            size = os.fstat(fd).st_size
-            if n == len(names) - 1 and n > 0:
-                grew = max(0, size - reserved.get(region.name + "@", size))
-                want = size + data_size + CACHE_HEADROOM + 2 * grew
-                if cache_max:
-                    want = max(size + REGION_HEADROOM, min(cache_max, want))
-            elif region.name == "__db.002" and mutex_max:
-                want = max(size + REGION_HEADROOM // 4, mutex_max)
-            else:
-                want = max(size + REGION_HEADROOM, PRIMARY_RESERVE)
-            reserved[region.name + "@"] = size
-            if reserved.get(region.name, 0) >= want:
-                continue
-            _fallocate_keep_size(fd, want)
-            if size:
-                os.posix_fallocate(fd, 0, size)
-            reserved[region.name] = want
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-            reserved[region.name] = 1 << 62  # no fallocate here: nothing to reserve with
-        finally:
-            os.close(fd)
-
-
-def region_bytes(path: Path) -> int:
-    """Disk blocks the shared regions (`__db.0nn`) take now, reservations included."""
-    total = 0
-    for region in path.glob("__db.0[0-9][0-9]"):
-        with contextlib.suppress(FileNotFoundError):
-            total += os.stat(region).st_blocks * 512
-    return total
 
 
 def _open_db(path: Path, env: Any, *, create: bool) -> Any:
@@ -626,93 +364,6 @@ def _open_aux(path: Path, env: Any) -> dict[str, Any]:
         raise translate(path, f"open {AUX_FILE}", e) from e
     _private(path / AUX_FILE, FILE_MODE)
     return handles
-
-
-def _is_safe_file(name: str) -> bool:
-    """A file Berkeley DB keeps in a safe's directory: the data, its logs and the regions."""
-    return name in (DB_FILE, AUX_FILE, WAKE_FILE) or name.startswith(("log.", "__db."))
-
-
-def _private(path: Path, mode: int) -> None:
-    """chmod `path` to `mode` if it is ours (owned by this user) and has another mode.
-
-    A file owned by someone else is left alone (root inspecting a user's safe changes nothing
-    of theirs). A failure is logged, not raised: a filesystem without Unix modes must not make
-    a safe impossible to open.
-    """
-    try:
-        st = os.lstat(path)
-        mine = st.st_uid == os.geteuid() and not stat.S_ISLNK(st.st_mode)
-        if mine and stat.S_IMODE(st.st_mode) != mode:
-            os.chmod(path, mode)
-    except FileNotFoundError:
-        pass  # removed meanwhile (log removal, region removal): nothing to protect
-    except OSError as e:
-        log.warning("%s: cannot make it private (mode %o): %s", path, mode, e)
-
-
-def _make_private(path: Path) -> None:
-    """The safe's directory 0700 and every file of its own 0600: those it was created with,
-    whatever the umask, and those of a safe made by an older pmnc (0755 and 0644), tightened
-    here on every opening (no safe is opened read-only)."""
-    _private(path, DIR_MODE)
-    try:
-        names = os.listdir(path)
-    except OSError as e:
-        log.warning("%s: cannot list it to make its files private: %s", path, e)
-        return
-    for name in names:
-        if _is_safe_file(name):
-            _private(path / name, FILE_MODE)
-
-
-def _make_private_dirs(path: Path) -> None:
-    """`mkdir -p` with mode 0700 for every directory it creates (mkdir's mode is cut by the
-    umask, so each is chmod-ed after); directories that already exist are left as they are."""
-    missing: list[Path] = []
-    p = path
-    while not os.path.lexists(p) and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, DIR_MODE)
-        except FileExistsError:
-            continue  # another process made it first: its creator sets its mode
-        _private(d, DIR_MODE)
-    if not path.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
-
-
-def _check_directory(path: Path, *, create: bool) -> None:
-    """The safe's directory exists (created if allowed) and this process may use it."""
-    denied = "run as its owner or fix its permissions"
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    except PermissionError as e:
-        raise SafePermissionError(path, "open", f"permission denied: {e}", denied) from e
-    except OSError as e:
-        raise SafeError(path, "open", str(e)) from e
-    if st is not None:
-        if not stat.S_ISDIR(st.st_mode):
-            raise SafeError(
-                path, "open", "the path exists and is not a directory", "give a directory"
-            )
-        if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
-            raise SafePermissionError(path, "open", "permission denied on the directory", denied)
-        return
-    if not create:
-        raise SafeError(path, "open", "no such safe", "check the path, or open with create=True")
-    try:
-        _make_private_dirs(path)
-    except PermissionError as e:
-        raise SafePermissionError(
-            path, "create the directory", f"permission denied: {e}", "fix its parent's permissions"
-        ) from e
-    except OSError as e:
-        raise SafeError(path, "create the directory", str(e)) from e
 
 
 def translate(path: Path, what: str, e: BaseException) -> SafeError:
@@ -1337,9 +988,7 @@ class Environment:
         return info | {
             "last_checkpoint": txn_stat.get("time_ckp", 0),
             "cache_hit_ratio": hits / (hits + misses) if hits + misses else 1.0,
-            "log_bytes": sum(
-                p.stat().st_size for p in self.path.glob("log.*") if p.name[4:].isdigit()
-            ),
+            "log_bytes": log_bytes(self.path),
             "log_file": log_stat.get("cur_file", 0),
             # The shared regions on disk (blocks, reservations included) and the cache's own
             # size now and at most: what the safe costs besides its data and log.
@@ -1567,6 +1216,13 @@ def release(env: Environment) -> None:
             raise
 
 
+def is_open_here(key: Path) -> bool:
+    """Whether this process has the safe at `key` (a `_key`) open: safe/admin.py then leaves
+    the directory and its register alone."""
+    with _registry_lock:
+        return key in _registry
+
+
 def _after_fork_in_child() -> None:
     global _registry_lock, _fork_generation
     _fork_generation += 1
@@ -1589,311 +1245,3 @@ def _close_all_at_exit() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_close_all_at_exit)
-
-
-# -- whole-environment operations for supervisors and tools --------------------------------------
-
-
-def prepare(path: str | os.PathLike[str], *, cache_size: int, min_free_space: int) -> float:
-    """Create the safe or recover it if a registered process died; leave nothing open.
-
-    For a supervisor before it forks: this process becomes the region's creator (cache size,
-    deadlock detector), creates the database, checkpoints, and closes every handle, so nothing
-    crosses the fork. No thread is started.
-    """
-    key = _key(path)
-    with _registry_lock:
-        if key in _registry:
-            raise SafeBusyError(
-                key, "prepare", "this process has the safe open", "close it first, then prepare"
-            )
-    started = time.monotonic()
-    _check_directory(key, create=True)
-    with _environment(
-        key, "prepare", cache_size=cache_size, recover=db.DB_RECOVER, min_free_space=min_free_space
-    ) as env:
-        _open_db(key, env, create=True).close()
-        _checkpoint_fully(env)
-    return time.monotonic() - started
-
-
-def users(path: str | os.PathLike[str]) -> list[int]:
-    """Pids holding the environment open, read from DB_REGISTER's fcntl slot locks.
-
-    Opening and closing __db.register drops this process's own registration (fcntl semantics),
-    so a process that has the safe open answers from its registry instead of touching the file.
-    """
-    key = _key(path)
-    with _registry_lock:
-        own = [os.getpid()] if key in _registry else []
-    if own:
-        return own
-    try:
-        fd = os.open(key / REGISTER_FILE, os.O_RDONLY)
-    except FileNotFoundError:
-        return []
-    except PermissionError as e:
-        raise translate(key, "list its users", e) from e
-    try:
-        return sorted({holder for _, holder in _registrants(fd) if holder is not None})
-    finally:
-        os.close(fd)
-
-
-def _registrants(fd: int) -> list[tuple[int, int | None]]:
-    """(pid written in the slot, pid holding the slot's lock or None) for each live slot.
-
-    DB_REGISTER's file has one line per process that joined: its pid, right-aligned, or "X"
-    once it closed cleanly; the process holds an fcntl lock on the first byte of its line.
-    """
-    data = os.pread(fd, 1 << 20, 0)
-    out: list[tuple[int, int | None]] = []
-    offset = 0
-    for line in data.split(b"\n"):
-        text = line.strip()
-        if text.isdigit():
-            probe = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
-            kind, _, _, _, holder = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, probe))
-            out.append((int(text), holder if kind != fcntl.F_UNLCK else None))
-        offset += len(line) + 1
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def recover(path: str | os.PathLike[str], *, catastrophic: bool = False) -> float:
-    """Run recovery on a safe that no process is using; SafeBusyError naming the users otherwise."""
-    key = _key(path)
-    if not (key / DB_FILE).exists():
-        raise SafeError(key, "recover", "no such safe", "check the path")
-    pids = users(key)
-    if pids:
-        raise SafeBusyError(
-            key,
-            "recover",
-            f"in use by pid {', '.join(map(str, pids))}",
-            "stop those processes first",
-        )
-    with _exclusively(key, "recover"):
-        return _recover_unused(key, catastrophic=catastrophic)
-
-
-def _recover_unused(key: Path, *, catastrophic: bool) -> float:
-    started = time.monotonic()
-    # Without DB_REGISTER, recovery always runs (with it, it is skipped when nobody died).
-    with _environment(
-        key,
-        "recover",
-        cache_size=RECOVERY_CACHE_SIZE,
-        recover=db.DB_RECOVER_FATAL if catastrophic else db.DB_RECOVER,
-        min_free_space=RECOVERY_CACHE_SIZE,
-        register=False,
-    ) as env:
-        _checkpoint_fully(env)
-    return time.monotonic() - started
-
-
-def verify(path: str | os.PathLike[str]) -> None:
-    """Check the structure of a safe's database file; SafeCorruptError if it is damaged.
-
-    Berkeley DB's verify reads the file outside the environment, so it is only run on a safe
-    that no process is using (SafeBusyError otherwise).
-    """
-    key = _key(path)
-    if not (key / DB_FILE).exists():
-        raise SafeError(key, "verify", "no such safe", "check the path")
-    pids = users(key)
-    if pids:
-        raise SafeBusyError(
-            key, "verify", f"in use by pid {', '.join(map(str, pids))}", "stop those processes"
-        )
-    with _exclusively(key, "verify"):
-        _verify_file(key)
-
-
-def _verify_file(key: Path, todo: str = "restore it from a backup") -> None:
-    for name in (DB_FILE, AUX_FILE):
-        if name != DB_FILE and not (key / name).exists():
-            continue
-        handle = db.DB()
-        try:
-            handle.verify(str(key / name))
-        except db.DBError as e:
-            raise SafeCorruptError(key, "verify", f"{name} failed verification: {e}", todo) from e
-
-
-# -- backup and restore ---------------------------------------------------------------------------
-
-
-def _check_backup_dir(key: Path) -> None:
-    """A consistent copy (data file and logs) that catastrophic recovery brings up to date."""
-    if not (key / DB_FILE).exists() or not list(key.glob("log.*")):
-        raise SafeError(
-            key, "read the backup", f"no {DB_FILE} and log files here", "give a backup directory"
-        )
-
-
-def _recover_copy(key: Path) -> int:
-    """Catastrophic recovery on a private copy (no other process sees it), then count and
-    verify its records; the copy is left as plain files (regions removed)."""
-    with _environment(
-        key,
-        "recover the copy",
-        cache_size=RECOVERY_CACHE_SIZE,
-        recover=db.DB_RECOVER_FATAL,
-        min_free_space=RECOVERY_CACHE_SIZE,
-        register=False,
-    ) as env:
-        handle = db.DB(env)
-        handle.open(DB_FILE, None, db.DB_BTREE, db.DB_AUTO_COMMIT | db.DB_RDONLY, 0o600)
-        count: int = handle.stat()["ndata"]
-        handle.close()
-        _checkpoint_fully(env)
-    with contextlib.suppress(db.DBError):
-        db.DBEnv().remove(str(key))
-    _verify_file(key, "take the backup again")
-    return count
-
-
-def backup(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
-    """Hot backup of a safe, in use or not, into the new or empty directory `dest`.
-
-    Berkeley DB copies the data file and then the logs, so the copy is consistent once
-    recovered. Before returning, a scratch copy of the backup is recovered catastrophically,
-    verified and counted: the number of keys is returned, and a backup that would not restore
-    raises instead.
-    """
-    key, target = _key(path), _key(dest)
-    if not (key / DB_FILE).exists():
-        raise SafeError(key, "back up", "no such safe", "check the path")
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise SafeError(
-            target,
-            "back up",
-            "the destination exists and is not an empty directory",
-            "give a new or empty directory",
-        )
-    needed = sum(
-        p.stat().st_size
-        for p in key.iterdir()
-        if p.name in (DB_FILE, AUX_FILE) or p.name[:4] == "log."
-    )
-    if os.path.exists(target.parent):
-        free = os.statvfs(target.parent)
-        if free.f_bavail * free.f_frsize < needed:
-            raise SafeNoSpaceError(
-                target, "back up", f"needs about {needed >> 20} MiB", "free space"
-            )
-    try:
-        _make_private_dirs(target)
-    except OSError as e:
-        raise translate(target, "back up", e) from e
-    environment = acquire(
-        key,
-        cache_size=8 << 20,
-        checkpoint_interval=60,
-        recover=False,
-        create=False,
-        min_free_space=0,
-    )
-    try:
-        environment.call(
-            "back up",
-            Options(durable=True, timeout=600, min_free_space=0),
-            lambda: environment.backup_to(target),
-        )
-    finally:
-        release(environment)
-    # DEST holds a copy of the data: private too, even if it was given as an existing directory.
-    _make_private(target)
-    scratch = target.parent / f".{target.name}.check-{os.getpid()}"
-    try:
-        _copy_files(target, scratch)
-        return _recover_copy(scratch)
-    finally:
-        _remove_tree(scratch)
-
-
-def restore(backup_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> int:
-    """Make `path` a copy of the backup (a new safe, or a stopped one, replaced whole).
-
-    The backup is copied beside the target, recovered and verified there, and only then swapped
-    in, so a failure leaves the old safe as it was. Returns the number of keys restored.
-    """
-    source, key = _key(backup_dir), _key(path)
-    _check_backup_dir(source)
-    if key.exists() and not key.is_dir():
-        raise SafeError(key, "restore", "the path exists and is not a directory", "give a safe")
-    if key.exists() and any(key.iterdir()) and not (key / DB_FILE).exists():
-        raise SafeError(
-            key,
-            "restore",
-            "the directory is not empty and is not a safe",
-            "restore onto a safe, a new path or an empty directory",
-        )
-    lock: int | None = None
-    if key.exists():
-        pids = users(key)
-        if pids:
-            raise SafeBusyError(
-                key, "restore", f"in use by pid {', '.join(map(str, pids))}", "stop them first"
-            )
-        # Held until the swap is done: nobody can open the old safe meanwhile and write into
-        # what is about to be deleted.
-        lock = _lock_directory(key, "restore", exclusive=True)
-    staging = key.parent / f".{key.name}.restore-{os.getpid()}"
-    _make_private_dirs(key.parent)
-    _remove_tree(staging)
-    try:
-        _copy_files(source, staging)
-        count = _recover_copy(staging)
-        _make_private(staging)
-        if key.exists():
-            old = key.parent / f".{key.name}.old-{os.getpid()}"
-            os.rename(key, old)
-            os.rename(staging, key)
-            _remove_tree(old)
-        else:
-            os.rename(staging, key)
-        return count
-    finally:
-        _remove_tree(staging)
-        if lock is not None:
-            os.close(lock)
-
-
-def _copy_files(source: Path, dest: Path) -> None:
-    """Copy the data file and logs (never __db.* regions or the register) with fsync, into a
-    private directory as private files (0700, 0600), whatever the umask."""
-    _make_private_dirs(dest)
-    _private(dest, DIR_MODE)
-    for p in sorted(source.iterdir()):
-        if p.name in (DB_FILE, AUX_FILE) or (p.name.startswith("log.") and p.name[4:].isdigit()):
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-            with open(p, "rb") as src, open(os.open(dest / p.name, flags, FILE_MODE), "wb") as dst:
-                os.fchmod(dst.fileno(), FILE_MODE)  # exact, before a byte of data is in it
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-
-
-def _remove_tree(path: Path) -> None:
-    """Remove a safe's directory: only its own files, so anything else stops the removal."""
-    if path.exists():
-        for p in path.iterdir():
-            if p.name in (DB_FILE, AUX_FILE, WAKE_FILE, REGISTER_FILE) or p.name[:4] in (
-                "log.",
-                "__db",
-            ):
-                p.unlink()
-        with contextlib.suppress(OSError):
-            path.rmdir()

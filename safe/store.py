@@ -43,6 +43,7 @@ from . import expiry as _expiry
 from . import queue as _queue
 from .errors import SafeClosedError
 from .replication import Replication
+from .stats import DURATION_BUCKETS
 
 PICKLE_PROTOCOL = 5
 DEFAULT_MAX_VALUE_SIZE = 64 << 20
@@ -682,7 +683,7 @@ class Safe(MutableMapping[str, object]):
             else:
                 durations[name] = histogram
         figures["durations"] = durations
-        figures["duration_buckets"] = list(_env.DURATION_BUCKETS)
+        figures["duration_buckets"] = list(DURATION_BUCKETS)
         figures.update(info)
         # Per queue: length, items being worked on, oldest item's age (whole safe), and this
         # process's deliveries and redeliveries. Queues emptied since still show their counts.

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from pmnc.safe import Safe, SafeBusyError, SafeCorruptError, SafeError
+from pmnc.safe import Safe, SafeBusyError, SafeCorruptError, SafeError, disk_usage, is_safe
 from pmnc.safe import backup as safe_backup
 from pmnc.safe import recover as safe_recover
 from pmnc.safe import restore as safe_restore
@@ -48,8 +48,6 @@ __all__ = ["add_parser", "run"]
 
 OK, FAILED, USAGE, ERROR, UNDECODABLE = 0, 1, 2, 3, 4
 
-# The data file every safe directory holds (pmnc.safe's layout; see the module docstring).
-DATA_FILE = "safe.db"
 # A dump file's mode, whatever the umask: it holds every value of the safe (README).
 DUMP_MODE = 0o600
 BACKUP_DIR_MODE = 0o700
@@ -174,8 +172,8 @@ def _require_safe(path: str | os.PathLike[str]) -> Path:
         raise CommandError(p, "no such safe (the path does not exist)")
     if not p.is_dir():
         raise CommandError(p, "not a safe (not a directory)")
-    if not (p / DATA_FILE).is_file():
-        raise CommandError(p, f"not a safe (no {DATA_FILE} in it)")
+    if not is_safe(p):
+        raise CommandError(p, "not a safe (no data file in it)")
     return p
 
 
@@ -225,10 +223,6 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def _log_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.glob("log.*") if p.name[4:].isdigit() and p.is_file())
-
-
 def _safes_under(data_dir: Path) -> list[Path]:
     root = data_dir / "safe"
     if not root.is_dir():
@@ -236,20 +230,11 @@ def _safes_under(data_dir: Path) -> list[Path]:
     return [
         p
         for p in sorted(root.iterdir())
-        if not p.name.startswith(".") and p.is_dir() and (p / DATA_FILE).is_file()
+        if not p.name.startswith(".") and p.is_dir() and is_safe(p)
     ]
 
 
 # -- commands --------------------------------------------------------------------------------------
-
-
-def _region_bytes(path: Path) -> int:
-    """Disk blocks of the shared regions (`__db.0nn`), reservations included."""
-    total = 0
-    for p in path.glob("__db.0[0-9][0-9]"):
-        with contextlib.suppress(OSError):
-            total += p.stat().st_blocks * 512
-    return total
 
 
 def _rss(pids: list[int]) -> str:
@@ -271,9 +256,8 @@ def _list(args: argparse.Namespace) -> int:
     now = time.time()
     for path in _safes_under(Path(args.data_dir)):
         pids = safe_users(path)  # before opening: our own opening would count as a user
-        data = human_size((path / DATA_FILE).stat().st_size)
-        log = human_size(_log_bytes(path))
-        regions = human_size(_region_bytes(path))
+        usage = disk_usage(path)
+        data, log, regions = (human_size(n) for n in (usage.data, usage.log, usage.regions))
         try:
             with _opened(path, checkpoint_interval=3600) as safe:
                 keys = str(len(safe))
@@ -421,7 +405,7 @@ def _load(args: argparse.Namespace) -> int:
             raise CommandError(args.file, f"refused, nothing loaded: {e}") from None
         stream.seek(0)
         fresh = not path.exists() or (path.is_dir() and not any(path.iterdir()))
-        if not fresh and not (path / DATA_FILE).is_file():
+        if not fresh and not is_safe(path):
             raise CommandError(path, "not a safe, and not a new or empty directory to load into")
         # Non-durable writes with a checkpoint every so often and at the end: one fsync per key
         # would make a large load crawl, and a load cut short is simply run again (its queue
@@ -504,7 +488,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _backup(args: argparse.Namespace) -> int:
     """One safe into DEST, or every safe of a data_dir into DEST/<name>."""
     source, dest = Path(args.source), Path(args.dest)
-    if (source / DATA_FILE).is_file():
+    if is_safe(source):
         count = safe_backup(source, dest)
         print(f"{source}: backed up {count} keys to {dest}")
         return OK
@@ -530,10 +514,10 @@ def _restore(args: argparse.Namespace) -> int:
     if target.exists() or target.is_symlink():
         if not target.is_dir():
             raise CommandError(target, "restore refused: not a directory (give a safe's directory)")
-        if any(target.iterdir()) and not (target / DATA_FILE).is_file():
+        if any(target.iterdir()) and not is_safe(target):
             raise CommandError(
                 target,
-                f"restore refused: not a safe (no {DATA_FILE}) and not empty: "
+                "restore refused: not a safe (no data file) and not empty: "
                 "give a new path, an empty directory or an existing safe",
             )
     count = safe_restore(args.backup, args.safe)

@@ -17,7 +17,7 @@ from pmnc.safe import (
     users,
     verify,
 )
-from pmnc.safe.env import _exclusively
+from pmnc.safe.admin import _exclusively
 
 
 def test_raw_access_never_unpickles(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Safe.stats() without locks on the hot path: exact under threads, never backwards, bounded.
 
-Each thread records into its own counters (safe/env.py, `_Stats`); these tests hold that to the
+Each thread records into its own counters (safe/stats.py, `_Stats`); these tests hold that to the
 figures `/metrics` and `/_status` rely on (docs/footprint.md, "Per-call overhead").
 """
 
