@@ -159,6 +159,8 @@ JOIN_TIMEOUT_S = 60.0
 # Once the first ticks are past, TCP_NODELAY is looked for on new sockets this often (and at
 # once after a connection event): subordinates see few events (safe/replication.py).
 NODELAY_TICKS = 10
+# How long a call waits for this process's own connections to the group's sites (see `call`).
+PEER_CONNECT_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -421,7 +423,7 @@ class Environment:
         self.path = path
         self.pid = os.getpid()
         # Set for a replicated safe (safe/replication.py): the funnel then checks acks and roles.
-        self.replicated = None if replication is None else Replicated(replication, path.name)
+        self.replicated = None if replication is None else Replicated(replication, path)
         self._db_generation = 0  # bumped when a replication rollback made the handles dead
         self.generation = _fork_generation
         self.refs = 0
@@ -546,6 +548,10 @@ class Environment:
             started = time.perf_counter_ns()
             attempt = 0
             replicated = self.replicated
+            if replicated is not None and not replicated.connected.is_set():
+                # A peer (re)connected to this site and this process has no connection of its
+                # own to it yet: a commit now would not be acknowledged (safe/replication.py).
+                replicated.connected.wait(min(options.timeout, PEER_CONNECT_WAIT_S))
             while True:
                 if replicated is not None:
                     replicated.clear()
@@ -1015,10 +1021,10 @@ class Environment:
                     continue
                 self._maintain_space()
                 replicated = self.replicated
-                if replicated is not None and (
-                    replicated.sweep_due or ticks < 50 or ticks % NODELAY_TICKS == 0
-                ):
-                    replicated.nodelay_sweep()
+                if replicated is not None:
+                    if replicated.sweep_due or ticks < 50 or ticks % NODELAY_TICKS == 0:
+                        replicated.nodelay_sweep()
+                    replicated.check_connections(self._env)
                 if ticks % PURGE_TICKS == 0 and self.is_master():
                     self.purge_expired()
                 if time.monotonic() - last_forced >= self._checkpoint_interval:

@@ -25,13 +25,13 @@ fact with the test that proves it (tests/integration/test_replication_safe.py):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from berkeleydb import db
@@ -46,8 +46,12 @@ ACK_POLICIES = {
 }
 # Timeouts in seconds (repmgr takes microseconds). Default ELECTION_RETRY (10 s) made a restart
 # take 10-12 s; heartbeats are off by default, and without them a hung (SIGSTOPped) master is
-# never replaced (docs/berkeleydb.md, "Replication").
+# never replaced (docs/berkeleydb.md, "Replication"). CHECKPOINT_DELAY (default 30 s) is a pause
+# libdb makes on a master in every checkpoint, between flushing its cache and logging the
+# checkpoint, holding the checkpoint mutex: a safe's close (which checkpoints) then took 30 s,
+# and every other checkpoint of the environment waited behind it (libdb's txn/txn_chkpt.c).
 TIMEOUTS = {
+    db.DB_REP_CHECKPOINT_DELAY: 0.0,
     db.DB_REP_ACK_TIMEOUT: 1.0,
     db.DB_REP_ELECTION_RETRY: 1.0,
     db.DB_REP_ELECTION_TIMEOUT: 0.5,
@@ -61,6 +65,8 @@ START_RETRY_S = 0.1
 START_TIMEOUT_S = 10.0
 # How long a subordinate's open waits for its own connections to the peers (see above).
 SUBORDINATE_CONNECT_S = 3.0
+# Where the replication process publishes the sites it is connected to (check_connections).
+PEERS_FILE = "repmgr.peers"
 _MASTER = 2  # rep_stat()["status"] values (DB_REP_MASTER, DB_REP_CLIENT)
 _CLIENT = 1
 
@@ -96,9 +102,10 @@ class Replicated:
     """The replication state of one environment in this process: role, events, per-thread
     "not acknowledged" flags. Created before the environment is opened."""
 
-    def __init__(self, config: Replication, name: str) -> None:
+    def __init__(self, config: Replication, path: Path) -> None:
         self.config = config
-        self.name = name
+        self.path = path
+        self.name = path.name
         self.primary = False  # this process is the environment's replication process
         self._thread = threading.local()
         self._lock = threading.Lock()
@@ -106,6 +113,13 @@ class Replicated:
         self.role_changes = 0
         self._swept: set[str] = set()
         self.sweep_due = True  # a connection was made since the last sweep
+        # Set while this process has its own connection to every peer its replication process
+        # is connected to (always, in the replication process): a subordinate's commit made
+        # before gets no acknowledgement, so writes wait for it, boundedly (`await_peers`).
+        self.connected = threading.Event()
+        self.connected.set()
+        self._published: frozenset[int] | None = None
+        self.unconnected_since: float | None = None  # monotonic time `connected` was cleared
 
     # -- before open ------------------------------------------------------------------------------
 
@@ -147,28 +161,55 @@ class Replicated:
             except db.DBError as e:
                 if e.args and e.args[0] == db.DB_REP_IGNORE:
                     self.primary = False  # another process runs replication: a subordinate
-                    self._await_connections(env)
+                    deadline = time.monotonic() + SUBORDINATE_CONNECT_S
+                    while not self.check_connections(env) and time.monotonic() < deadline:
+                        time.sleep(0.02)
                     return
                 raise
             self.primary = True
             return
 
-    def _await_connections(self, env: Any) -> None:
-        """Wait (boundedly) until this subordinate has its own connection to every peer the
-        replication process is connected to: its commits are sent over its own connections,
-        and one made before they exist gets no acknowledgement (measured: the first writes of
-        a fresh subordinate on a master raised PERM_FAILED; tests/integration/
-        test_replication_safe.py)."""
-        deadline = time.monotonic() + SUBORDINATE_CONNECT_S
-        while time.monotonic() < deadline:
-            wanted = {
-                int(entry[1])
-                for entry in env.repmgr_site_list().values()
-                if entry[2] == db.DB_REPMGR_CONNECTED
-            }
-            if wanted <= _connected_ports():
-                return
-            time.sleep(0.02)
+    def check_connections(self, env: Any) -> bool:
+        """Whether this process has its own connection to every site the environment's
+        replication process is connected to; sets or clears `connected`.
+
+        A process's commits go out over its own connections, and one made before they exist
+        gets no acknowledgement; libdb 5.3 gives a subordinate no connection to a site that
+        joined the group after the subordinate started (measured: a master's workers started
+        before its peers joined stayed at 0 connections and every commit raised PERM_FAILED;
+        tests/integration/test_group.py). `repmgr_site_list()` is each process's own view, so
+        the replication process publishes its connected sites in PEERS_FILE (`publish_peers`)
+        and subordinates compare."""
+        own = _connected(env)
+        if self.primary:
+            self._publish(own)
+            return True
+        try:
+            wanted = frozenset(int(p) for p in (self.path / PEERS_FILE).read_text().split())
+        except (OSError, ValueError):
+            wanted = frozenset()
+        if wanted <= own:
+            self.unconnected_since = None
+            self.connected.set()
+            return True
+        if self.unconnected_since is None:
+            self.unconnected_since = time.monotonic()
+        self.connected.clear()
+        return False
+
+    def _publish(self, ports: frozenset[int]) -> None:
+        if ports == self._published:
+            return
+        target = self.path / PEERS_FILE
+        temporary = target.with_name(f".{PEERS_FILE}.{os.getpid()}")
+        try:
+            temporary.write_text(" ".join(str(p) for p in sorted(ports)) + "\n")
+            os.chmod(temporary, 0o600)
+            os.replace(temporary, target)
+        except OSError as e:
+            log.warning("%s: cannot write %s: %s", self.name, target, e)
+            return
+        self._published = ports
 
     # -- events (on a libdb thread, holding the GIL; an exception here is printed and lost) -----
 
@@ -224,6 +265,13 @@ class Replicated:
             "synced": role == "master" or bool(st["startup_complete"]),
             "queued": int(st["log_queued"]),
             "peers_connected": connected,
+            # Seconds this process has lacked a connection of its own to a site the group's
+            # replication process reaches (0: none lacking). libdb 5.3 gives a subordinate
+            # process no connection to a site that joined the group after it started; the
+            # runtime replaces a worker that stays so (runtime/worker.py).
+            "unconnected_s": 0.0
+            if self.unconnected_since is None
+            else round(time.monotonic() - self.unconnected_since, 3),
             "peers": len(self.config.peers),
             "perm_failed": self.perm_failed,
             "elections": int(st["elections"]),
@@ -261,26 +309,10 @@ class Replicated:
             self._swept.clear()
 
 
-def _connected_ports() -> set[int]:
-    """Remote ports of this process's established TCP connections (from /proc)."""
-    inodes: set[str] = set()
-    try:
-        for fd in os.listdir("/proc/self/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/self/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-    except OSError:
-        return set()
-    ports: set[int] = set()
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f, None)
-                for line in f:
-                    fields = line.split()
-                    if len(fields) > 9 and fields[3] == "01" and fields[9] in inodes:
-                        ports.add(int(fields[2].rsplit(":", 1)[1], 16))
-        except OSError:
-            continue
-    return ports
+def _connected(env: Any) -> frozenset[int]:
+    """Ports of the sites this process is connected to (its own view of the site list)."""
+    return frozenset(
+        int(entry[1])
+        for entry in env.repmgr_site_list().values()
+        if entry[2] == db.DB_REPMGR_CONNECTED
+    )
