@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
-from pmnc.safe import SafeNeedsRecoveryError
+from pmnc.safe import SafeNeedsRecoveryError, SafeNotMasterError
 
 from .calls import request_chain
 from .logs import logger
@@ -45,7 +45,18 @@ __all__ = [
 ]
 
 JSON = "application/json"
+
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class Call(NamedTuple):
+    """One HTTP call as it came, for a node of the group to send it on (group.Forwarder)."""
+
+    module: str
+    function: str
+    body: bytes
+    chain: str | None  # X-Pmnc-Chain
+    forwarded: bool  # X-Pmnc-Forwarded: it came from another node as the master's
 
 
 class Response(NamedTuple):
@@ -54,6 +65,10 @@ class Response(NamedTuple):
     fatal: bool = False  # the worker must exit (its safe needs recovery) once this is sent
     content_type: str = JSON
     allow: str | None = None  # the Allow header of a 405
+
+
+# (the error, the call, a way to run it here again) -> the answer: group.Forwarder.
+Forward = Callable[[SafeNotMasterError, Call, Callable[[], Response]], Response]
 
 
 def error_response(
@@ -185,7 +200,10 @@ class _Arguments:
 class Application:
     """Maps `/<module>/<function>` plus a JSON body to a call and its JSON answer."""
 
-    def __init__(self, modules: Mapping[str, AppModule]) -> None:
+    def __init__(self, modules: Mapping[str, AppModule], forward: Forward | None = None) -> None:
+        # On a replicated node: carries a call whose write met a client safe to the master's
+        # node (runtime/group.py); without it SafeNotMasterError is answered like any error.
+        self._forward = forward
         self._functions: dict[tuple[str, str], tuple[Callable[..., object], _Arguments]] = {
             (m.name, f): (fn, _Arguments(fn))
             for m in modules.values()
@@ -196,9 +214,17 @@ class Application:
         """Whether `module.function` is callable over HTTP (its names may become labels)."""
         return (module, function) in self._functions
 
-    def call(self, module: str, function: str, body: bytes, chain: str | None = None) -> Response:
+    def call(
+        self,
+        module: str,
+        function: str,
+        body: bytes,
+        chain: str | None = None,
+        forwarded: bool = False,
+    ) -> Response:
         """Run one call; never raises for anything the module or the client does. `chain`:
-        the request's X-Pmnc-Chain header (calls.request_chain refuses a cycle across cages)."""
+        the request's X-Pmnc-Chain header (calls.request_chain refuses a cycle across cages);
+        `forwarded`: it came from another node of the group as the master's (group.py)."""
         target = self._functions.get((module, function))
         if target is None or module.startswith("_") or function.startswith("_"):
             return error_response(404, "NotFound", f"no function {function!r} in module {module!r}")
@@ -214,8 +240,42 @@ class Application:
         except TypeError as e:
             return error_response(400, "TypeError", f"{module}.{function}(): {e}")
         try:
+            return self._run(module, function, fn, args, chain)
+        except SafeNotMasterError as e:
+            if self._forward is None:
+                logger.warning("%s.%s: %s", module, function, e)
+                return error_response(503, "NotMaster", describe(e))
+            call = Call(module, function, body, chain, forwarded)
+            return self._forward(e, call, lambda: self._run_here(module, function, fn, args, chain))
+
+    def _run_here(
+        self,
+        module: str,
+        function: str,
+        fn: Callable[..., object],
+        args: dict[str, object],
+        chain: str | None,
+    ) -> Response:
+        """Run again where this node has just become master (the forwarder found it so)."""
+        try:
+            return self._run(module, function, fn, args, chain)
+        except SafeNotMasterError as e:
+            return error_response(503, "NotMaster", describe(e))
+
+    def _run(
+        self,
+        module: str,
+        function: str,
+        fn: Callable[..., object],
+        args: dict[str, object],
+        chain: str | None,
+    ) -> Response:
+        """The function's answer; SafeNotMasterError is let through for the caller to forward."""
+        try:
             with request_chain(chain, module, function):
                 result = fn(**args)
+        except SafeNotMasterError:
+            raise
         except BaseException as e:  # noqa: BLE001 - whatever a module raises is answered:
             # sys.exit(), KeyboardInterrupt or GeneratorExit from a module must not end the
             # serving thread (the worker would go on with one thread fewer).

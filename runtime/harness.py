@@ -5,7 +5,8 @@ Not a stable API. Everything here drives `pmnc-runtime start` from the outside, 
 the node runs in its own session (so its whole process tree can be signalled or killed as one
 group), its output goes to a file (never an undrained pipe), and every wait has a deadline.
 What it has: `NodeProcess` (a node; `NodeProcess.one_cage` writes a one-cage config on a free
-port), `Client` (JSON over HTTP), `write_config`, `free_port`, `worker_pids`, `percentile`.
+port), `write_group_configs` (a replicated group of nodes on this machine), `Client` (JSON
+over HTTP), `write_config`, `free_port`, `worker_pids`, `percentile`.
 `tests/helpers.py` only adapts these to assertions.
 """
 
@@ -31,12 +32,14 @@ __all__ = [
     "Client",
     "NodeProcess",
     "free_port",
+    "free_port_range",
     "group_alive",
     "percentile",
     "pmnc_runtime",
     "wait_group_gone",
     "worker_pids",
     "write_config",
+    "write_group_configs",
 ]
 
 # What a request against a node that is being killed can raise: a reset or refused connection,
@@ -115,6 +118,68 @@ def write_config(
         lines.append(f"    http: 127.0.0.1:{port}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def free_port_range(count: int, host: str = "127.0.0.1", step: int = 100) -> int:
+    """A base port p with p .. p + count - 1 all free a moment ago (a node's replication
+    ports: one per safe); bases are multiples of `step` so that nodes stay 100 apart."""
+    for _ in range(200):
+        base = free_port(host) // step * step
+        if base < 1024 or base + count > 65535:
+            continue
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {count} free ports in a row")
+
+
+def write_group_configs(
+    directory: Path,
+    modules: Path,
+    nodes: int = 3,
+    *,
+    cage: str = "demo",
+    ack: str = "quorum",
+    safes: int = 8,
+    **config: Any,
+) -> list[NodeProcess]:
+    """A group of `nodes` one-cage nodes on this machine (README, "Replicated safes"), each
+    with its config `nodeN.yaml`, data `varN` and log `nodeN.log` in `directory`; `safes` is
+    how many replication ports to keep free per node (one per module)."""
+    names = [f"node{i + 1}" for i in range(nodes)]
+    bases: list[int] = []
+    while len(bases) < nodes:
+        base = free_port_range(safes)
+        if all(abs(base - b) >= 100 for b in bases):
+            bases.append(base)
+    ports = [free_port() for _ in names]
+    group = []
+    for i, name in enumerate(names):
+        path = write_config(
+            directory / f"{name}.yaml",
+            modules,
+            ports[i],
+            node=name,
+            cage=cage,
+            data_dir=directory / f"var{i + 1}",
+            **config,
+        )
+        lines = ["replication:", f"  address: 127.0.0.1:{bases[i]}", f"  ack: {ack}", "  peers:"]
+        for j, peer in enumerate(names):
+            if j != i:
+                lines += [
+                    f"    - node: {peer}",
+                    f"      address: 127.0.0.1:{bases[j]}",
+                    f"      http: {{{cage}: 127.0.0.1:{ports[j]}}}",
+                ]
+        with open(path, "a") as f:
+            f.write("\n".join(lines) + "\n")
+        group.append(NodeProcess(path, directory / f"{name}.log", ports[i]))
+    return group
 
 
 def pmnc_runtime() -> list[str]:

@@ -63,6 +63,7 @@ class Request(NamedTuple):
     keep_alive: bool  # what the client asked for
     expect_continue: bool  # an HTTP/1.1 client waits for `100 Continue` before its body
     chain: str | None = None  # X-Pmnc-Chain: the calls across cages this one is part of
+    forwarded: bool = False  # X-Pmnc-Forwarded: sent on by a node of the group (group.py)
 
     @property
     def path(self) -> str:
@@ -101,6 +102,7 @@ def parse_head(head: bytes) -> Request:
     connection: list[bytes] = []
     expect = b""
     chain: list[bytes] = []
+    forwarded = False
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.fullmatch(name):
@@ -120,6 +122,8 @@ def parse_head(head: bytes) -> Request:
             expect = value.lower()
         elif key == b"x-pmnc-chain":
             chain.append(value)
+        elif key == b"x-pmnc-forwarded":
+            forwarded = True
     if version == "HTTP/1.1" and hosts != 1:
         raise HttpError(
             400,
@@ -144,6 +148,7 @@ def parse_head(head: bytes) -> Request:
         keep_alive=keep_alive,
         expect_continue=version == "HTTP/1.1" and expect == b"100-continue",
         chain=b",".join(chain).decode("latin-1") if chain else None,
+        forwarded=forwarded,
     )
 
 

@@ -818,7 +818,9 @@ class Server:
                     404, "NotFound", f"no function at {path[:200]!r}: use /MODULE/FUNCTION"
                 )
             else:
-                response = self._app.call(parts[1], parts[2], body, request.chain)
+                response = self._app.call(
+                    parts[1], parts[2], body, request.chain, request.forwarded
+                )
                 if self._app.serves(parts[1], parts[2]):
                     module, function = parts[1], parts[2]
         self._metrics.observe(module, function, response.status, time.perf_counter() - started)

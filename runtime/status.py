@@ -326,6 +326,8 @@ def _aggregate_safe(name: str, reports: list[Mapping[str, Any]], now: float) -> 
             entry["deliveries"] += q.get("deliveries", 0)
             entry["redeliveries"] += q.get("redeliveries", 0)
     return {
+        # A replicated safe's role, master, log position (the freshest report's; null if not).
+        "replication": latest.get("replication"),
         "ops_per_s": round(sum(f.get("ops_per_s", 0.0) for f in figures), 3),
         "ops": ops,
         "latency": {

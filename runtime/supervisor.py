@@ -61,7 +61,7 @@ import multiprocess
 import multiprocess.process
 from pmnc.safe import SafeError, prepare
 
-from . import logs, metrics, policy, status, worker
+from . import logs, metrics, policy, replicator, status, worker
 from .balance import ABSENT, Balance
 from .config import CageConfig, ConfigError, HttpAddress, NodeConfig, load_config
 from .logs import logger
@@ -125,6 +125,7 @@ class _Child:
     kill_reason: str | None = None  # why the supervisor SIGKILLed it
     inbox: bytes = b""
     boot_error: str | None = None
+    replicator: bool = False  # the cage's replication process (replicator.py), not a worker
 
 
 @dataclass
@@ -141,6 +142,16 @@ def _clear_reports(directory: Path) -> None:
             path.unlink()
 
 
+def _check_single_threaded() -> None:
+    """Never fork a threaded process: a lock held by another thread at fork time stays locked
+    forever in the child. An explicit check, not an assert (stripped under -O)."""
+    threads = threading.active_count()
+    if threads != 1:
+        raise RuntimeError(
+            f"the supervisor must stay single-threaded to fork workers: {threads} threads"
+        )
+
+
 class Supervisor:
     """Runs a node until it is stopped; `run()` returns the process's exit status."""
 
@@ -149,6 +160,9 @@ class Supervisor:
         self._ctx = multiprocess.get_context("fork")
         self._cages: dict[str, _Cage] = {}
         self._workers: dict[int, _Child] = {}
+        # On a replicated node, each cage's replication process: started before its workers,
+        # stopped after them, and a member of the cage for crashes (replicator.py says why).
+        self._replicators: dict[int, _Child] = {}
         self._signals: SimpleQueue[int] = SimpleQueue()
         self._sig_r, self._sig_w = -1, -1
         self._stopping = False
@@ -187,7 +201,7 @@ class Supervisor:
             for cage in self._cages.values():
                 self._fill(cage)
             self._write_status()  # before any worker can answer /_status
-            while self._workers or not self._stopping:
+            while self._workers or self._replicators or not self._stopping:
                 self._tick()
         finally:
             self._kill_all("supervisor exiting")
@@ -227,7 +241,9 @@ class Supervisor:
             for cage_cfg in config.cages:
                 modules = tuple(config.module_names(cage_cfg))
                 dirs = tuple(config.safe_dir(cage_cfg.name, m) for m in modules)
-                todo = [d for d in dirs if d not in in_use]
+                # A replicated safe is created or recovered by its cage's replication process
+                # (only the group's master may create it; replicator.py).
+                todo = [] if config.replication else [d for d in dirs if d not in in_use]
                 spent = sum(prepare(d) for d in todo)
                 old = current.get(cage_cfg.name)
                 listener = None
@@ -271,7 +287,7 @@ class Supervisor:
     def _tick(self) -> None:
         poller = select.poll()
         poller.register(self._sig_r, select.POLLIN)
-        by_fd = {w.report_fd: w for w in self._workers.values()}
+        by_fd = {w.report_fd: w for w in [*self._workers.values(), *self._replicators.values()]}
         for fd in by_fd:
             poller.register(fd, select.POLLIN)
         for fd, _ in poller.poll(self._timeout() * 1000):
@@ -313,6 +329,8 @@ class Supervisor:
             if line == b"ready":
                 w.ready = True
                 self._status_dirty = True
+                if w.replicator:
+                    self._on_replicator_ready(w)
             elif line.startswith(b"boot-error "):
                 w.boot_error = line[len(b"boot-error ") :].decode(errors="replace")
 
@@ -354,6 +372,10 @@ class Supervisor:
         os.close(w.report_fd)
 
     def _on_exit(self, pid: int, code: int) -> None:
+        r = self._replicators.get(pid)
+        if r is not None:
+            self._on_replicator_exit(r, code)
+            return
         w = self._workers.get(pid)
         if w is None:
             return  # not ours (already handled during a cage restart)
@@ -396,6 +418,7 @@ class Supervisor:
         """A worker of `cage` left locks behind: kill the rest of the cage, recover, restart."""
         started = time.monotonic()
         victims = [w for w in self._workers.values() if w.cage.name == cage.name]
+        victims += [r for r in self._replicators.values() if r.cage.name == cage.name]
         for v in victims:
             v.kill_reason = f"restarting cage {cage.name}"
             with contextlib.suppress(ProcessLookupError):
@@ -412,24 +435,32 @@ class Supervisor:
             # Other children stay queued for the reap loop.
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(v.pid, 0)
-            self._forget(v)
+            if v.replicator:
+                self._replicators.pop(v.pid, None)
+                os.close(v.report_fd)
+            else:
+                self._forget(v)
         dirs = set(cage.safe_dirs) | {
             d for c in self._generations() if c.name == cage.name for d in c.safe_dirs
         }
+        # A replicated cage's safes are recovered by its next replication process (its open
+        # is DB_REGISTER + DB_RECOVER, and only that process may open them first).
+        todo = [] if self.config.replication else sorted(dirs)
         try:
-            spent = sum(prepare(d) for d in sorted(dirs))
+            spent = sum(prepare(d) for d in todo)
         except SafeError as e:
             logger.error("cage %s: %s; recovery failed: %s: stopping the node", cage.name, what, e)
             self._begin_stop(EXIT_FAILED)
             return
         self._count(cage.run_dir, metrics.CageTotals.recovered)
         logger.warning(
-            "cage %s: %s: killed %d other worker(s), recovered %d safe(s) in %.3f s",
+            "cage %s: %s: killed %d other process(es), %s",
             cage.name,
             what,
             len(victims),
-            len(dirs),
-            spent,
+            f"recovered {len(todo)} safe(s) in {spent:.3f} s"
+            if todo or not self.config.replication
+            else f"its next replication process recovers its {len(dirs)} safe(s)",
         )
         if self._reload is not None and cage.name in self._reload.cages:
             self._abort_reload()
@@ -478,7 +509,15 @@ class Supervisor:
                 self._fill(cage)
 
     def _fill(self, cage: _Cage) -> None:
-        """Fork workers until `cage` has as many running (not stopping) as configured."""
+        """Fork workers until `cage` has as many running (not stopping) as configured; on a
+        replicated node, only once the cage's replication process is ready (started first)."""
+        if self.config.replication is not None:
+            r = self._replicator_of(cage.name)
+            if r is None:
+                self._spawn_replicator(cage)
+                return
+            if not r.ready:
+                return
         taken = {
             w.slot for w in self._workers.values() if w.cage is cage and w.stop_deadline is None
         }
@@ -486,13 +525,7 @@ class Supervisor:
             self._spawn(cage, slot)
 
     def _spawn(self, cage: _Cage, slot: int) -> None:
-        # Never fork a threaded process: a lock held by another thread at fork time stays
-        # locked forever in the child. An explicit check, not an assert (stripped under -O).
-        threads = threading.active_count()
-        if threads != 1:
-            raise RuntimeError(
-                f"the supervisor must stay single-threaded to fork workers: {threads} threads"
-            )
+        _check_single_threaded()
         config = self._reload.config if self._reload and cage in self._reload.cages.values() else (
             self.config
         )  # fmt: skip
@@ -533,6 +566,69 @@ class Supervisor:
             process.pid, cage, process, report_r, time.monotonic(), slot, time.time()
         )
         self._status_dirty = True
+
+    # -- replication processes (a replicated node) ----------------------------------------------
+
+    def _replicator_of(self, cage: str) -> _Child | None:
+        return next((r for r in self._replicators.values() if r.cage.name == cage), None)
+
+    def _spawn_replicator(self, cage: _Cage) -> None:
+        _check_single_threaded()
+        report_r, report_w = os.pipe()
+        os.set_blocking(report_r, False)
+        listeners = {c.listener for c in self._generations() if c.listener is not None}
+        inherited = [self._sig_r, self._sig_w, report_r]
+        inherited += [w.report_fd for w in [*self._workers.values(), *self._replicators.values()]]
+        inherited += [s.fileno() for s in listeners]
+        spec = replicator.ReplicatorSpec(
+            config=self.config,
+            cage=cage.config,
+            modules=cage.modules,
+            report_fd=report_w,
+            inherited_fds=tuple(inherited),
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        process = self._ctx.Process(
+            target=replicator.run, args=(spec,), name=f"pmnc-{cage.name}-rep", daemon=False
+        )
+        try:
+            process.start()
+        finally:
+            os.close(report_w)
+        multiprocess.process._children.discard(process)  # reaped here: see _spawn
+        self._replicators[process.pid] = _Child(
+            process.pid, cage, process, report_r, time.monotonic(), -1, time.time(),
+            replicator=True,
+        )  # fmt: skip
+        logger.info("cage %s: replication process %d started", cage.name, process.pid)
+
+    def _on_replicator_ready(self, r: _Child) -> None:
+        if self._stopping:
+            return
+        for cage in self._generations():
+            if cage.name == r.cage.name:
+                self._fill(cage)
+
+    def _on_replicator_exit(self, r: _Child, code: int) -> None:
+        self._replicators.pop(r.pid, None)
+        os.close(r.report_fd)
+        if r.stop_deadline is not None and code == 0:
+            logger.info("cage %s: replication process %d stopped", r.cage.name, r.pid)
+            return
+        what = f"replication process {r.pid} {policy.describe_exit(code, r.kill_reason)}"
+        if r.stop_deadline is not None or self._stopping:
+            logger.error("cage %s: %s while stopping", r.cage.name, what)
+            return
+        self._crash(r.cage, what)
+
+    def _stop_idle_replicators(self) -> None:
+        """While stopping: a cage's replication process goes once its workers are gone."""
+        for r in list(self._replicators.values()):
+            if r.stop_deadline is None and not any(
+                w.cage.name == r.cage.name for w in self._workers.values()
+            ):
+                self._retire(r)
 
     # -- live status ----------------------------------------------------------------------------
 
@@ -598,7 +694,9 @@ class Supervisor:
     # -- liveness and readiness ---------------------------------------------------------------
 
     def _check_liveness(self, now: float) -> None:
-        for w in list(self._workers.values()):
+        if self._stopping:
+            self._stop_idle_replicators()
+        for w in [*self._workers.values(), *self._replicators.values()]:
             if w.kill_reason is not None:
                 continue
             reason = policy.kill_reason(
@@ -668,6 +766,17 @@ class Supervisor:
             for line in e.errors:
                 logger.error("%s", line)
             logger.error("reload refused: the config does not validate; still running the old one")
+            return
+        replicated = config.replication is not None or self.config.replication is not None
+        if replicated and (config.replication, config.safes()) != (
+            self.config.replication,
+            self.config.safes(),
+        ):
+            logger.error(
+                "reload refused: a replicated node's replication section and set of cages "
+                "and modules are fixed while it runs (each safe's replication port follows "
+                "from them); stop the node to change them"
+            )
             return
         # Every worker not reaped yet counts, live or not: one that dies after the _reap()
         # above is still here, and its safes wait for the crash path.
@@ -751,9 +860,9 @@ class Supervisor:
 
     def _kill_all(self, reason: str) -> None:
         """SIGKILL every worker, reap them and recover their safes (they closed nothing)."""
-        if not self._workers:
+        if not self._workers and not self._replicators:
             return
-        victims = list(self._workers.values())
+        victims = [*self._workers.values(), *self._replicators.values()]
         for v in victims:
             v.kill_reason = reason
             with contextlib.suppress(ProcessLookupError):
@@ -764,8 +873,14 @@ class Supervisor:
             # every process that had them open is gone (a D-state worker still has them).
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(v.pid, 0)
+            if v.replicator:
+                self._replicators.pop(v.pid, None)
+                os.close(v.report_fd)
+                continue
             self._forget(v)
             dirs.update(v.cage.safe_dirs)
+        if self.config.replication is not None:
+            dirs.clear()  # recovered by the next start's replication processes
         for d in sorted(dirs):
             try:
                 prepare(d)

@@ -33,7 +33,7 @@ from queue import SimpleQueue
 
 from pmnc.safe import Safe, SafeError, SafeNeedsRecoveryError
 
-from . import logs, metrics, status
+from . import group, logs, metrics, status
 from .app import Application, Response
 from .balance import Balance
 from .calls import Calls
@@ -46,6 +46,7 @@ __all__ = ["EXIT_BOOT_FAILED", "EXIT_NEEDS_RECOVERY", "WorkerSpec", "run"]
 
 EXIT_BOOT_FAILED = 78  # EX_CONFIG
 EXIT_NEEDS_RECOVERY = 75  # EX_TEMPFAIL
+RECONNECT_AFTER_S = 3.0  # see _Worker._cut_off_from_group
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class _Worker:
             _raise_descriptor_limit(self.cfg.max_connections)
             server = Server(
                 self.spec.listener,
-                Application(modules),
+                Application(modules, forward=self._forwarder()),
                 Limits(
                     threads=self.spec.cage.threads,
                     max_body=self.cfg.max_body,
@@ -188,6 +189,7 @@ class _Worker:
                     checkpoint_interval=self.cfg.checkpoint_interval,
                     recover=False,
                     create=False,
+                    replication=group.safe_replication(self.cfg, self.spec.cage.name, name),
                 )
             )
         calls = Calls.for_node(self.cfg, self.spec.cage.name)
@@ -196,6 +198,13 @@ class _Worker:
             modules[name] = load_module(self.spec.cage.name, name, path, safe, calls)
         calls.loaded()  # calls between modules may run from now on
         return modules
+
+    def _forwarder(self) -> group.Forwarder | None:
+        """On a replicated node: carries writes that reach a client safe to its master."""
+        if self.cfg.replication is None:
+            return None
+        safes = dict(zip(self.spec.modules, self.safes, strict=True))
+        return group.Forwarder(self.cfg, self.spec.cage.name, safes)
 
     def _serve_until_stopped(self) -> None:
         """Main thread: heartbeat, and watch for SIGTERM or the supervisor's disappearance."""
@@ -216,6 +225,32 @@ class _Worker:
                 return
             if self.reporter is not None and self.reporter.due():
                 self._publish()
+            if self._cut_off_from_group():
+                return
+
+    def _cut_off_from_group(self) -> bool:
+        """Whether this worker should make way for a fresh one: one of its replicated safes
+        has lacked its own connection to a site of the group for RECONNECT_AFTER_S (plus a
+        second per slot, so the cage's workers are not all replaced at once). libdb 5.3 gives
+        a process no connection to a site that joined after it started, and its writes then
+        get no acknowledgement; a new process connects to every site it finds."""
+        if self.cfg.replication is None:
+            return False
+        limit = RECONNECT_AFTER_S + self.spec.slot
+        for safe in self.safes:
+            try:
+                info = safe.replication() or {}
+            except SafeError:
+                return False
+            if info.get("unconnected_s", 0.0) > limit:
+                logger.warning(
+                    "%s: no connection of this worker's own to a site of the group for %.1f s: "
+                    "making way for a new worker, which connects to every site",
+                    safe.path.name,
+                    info["unconnected_s"],
+                )
+                return True
+        return False
 
     def _publish(self) -> None:
         """Write this worker's figures for `/_status`; a failure only costs fresh figures."""
