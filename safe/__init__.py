@@ -30,7 +30,7 @@ from .errors import (
 )
 from .layout import DiskUsage, disk_usage, is_safe
 from .queue import Delivery, Queue
-from .replication import ACK_POLICIES, Replication
+from .replication import ACK_POLICIES, Replication, log_distance
 from .store import DEFAULT_CACHE_SIZE, DEFAULT_MIN_FREE_SPACE, Safe
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "backup",
     "disk_usage",
     "is_safe",
+    "log_distance",
     "prepare",
     "recover",
     "restore",

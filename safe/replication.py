@@ -316,3 +316,17 @@ def _connected(env: Any) -> frozenset[int]:
         for entry in env.repmgr_site_list().values()
         if entry[2] == db.DB_REPMGR_CONNECTED
     )
+
+
+def log_distance(ahead: tuple[int, int] | list[int], behind: tuple[int, int] | list[int]) -> int:
+    """Bytes of log between two log positions (file number, offset) of the same safe: how far
+    a client's `lsn` is behind its master's (README, "Replicated safes"). Whole files count as
+    LOG_FILE_SIZE each (an estimate for a safe made with other log files); 0 if not behind."""
+    from .env import LOG_FILE_SIZE  # noqa: PLC0415 - env imports this module
+
+    (file_a, offset_a), (file_b, offset_b) = ahead, behind
+    if (file_a, offset_a) <= (file_b, offset_b):
+        return 0
+    if file_a == file_b:
+        return offset_a - offset_b
+    return (file_a - file_b - 1) * LOG_FILE_SIZE + (LOG_FILE_SIZE - offset_b) + offset_a
