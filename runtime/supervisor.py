@@ -257,13 +257,15 @@ class Supervisor:
                 cages[cage_cfg.name] = _Cage(
                     cage_cfg, modules, dirs, listener, reports, Balance(cage_cfg.workers)
                 )
-                skipped = len(dirs) - len(todo)
+                skipped = 0 if config.replication else len(dirs) - len(todo)
                 logger.info(
-                    "cage %s: %d module(s) %s, safes ready in %.3f s%s",
+                    "cage %s: %d module(s) %s, %s%s",
                     cage_cfg.name,
                     len(modules),
                     ", ".join(modules) or "-",
-                    spent,
+                    "safes replicated (opened by its replication process)"
+                    if config.replication
+                    else f"safes ready in {spent:.3f} s",
                     f" ({skipped} already open in running workers)" if skipped else "",
                 )
         except BaseException:
@@ -331,6 +333,13 @@ class Supervisor:
                 self._status_dirty = True
                 if w.replicator:
                     self._on_replicator_ready(w)
+            elif line == b"leaving" and w.stop_deadline is None:
+                # It stops by itself (worker.py): its slot is refilled now, and its stop is
+                # bounded like one the supervisor asked for.
+                w.stop_deadline = time.monotonic() + self.config.graceful_timeout + CLOSE_GRACE
+                self._status_dirty = True
+                if not self._stopping:
+                    self._schedule(w.cage, 0.0)
             elif line.startswith(b"boot-error "):
                 w.boot_error = line[len(b"boot-error ") :].decode(errors="replace")
 

@@ -11,7 +11,8 @@ a module or safe that cannot be loaded (the safes are closed; restarting would o
 EXIT_NEEDS_RECOVERY a worker that left without closing its safes (a safe panicked, or requests
 were still running at the deadline): like a crash, its cage must be recovered.
 
-The worker talks to the supervisor over one pipe, one line per message: `ready`, `beat`, and
+The worker talks to the supervisor over one pipe, one line per message: `ready`, `beat`,
+`leaving` before it stops by itself (cut off from its group: `_cut_off_from_group`), and
 `boot-error <why>` before an EXIT_BOOT_FAILED exit. Its live figures (requests, safe stats) go
 to a file its main thread rewrites about once a second next to the heartbeat (see `status.py`),
 which every worker of the cage reads to answer `GET /_status`.
@@ -226,6 +227,9 @@ class _Worker:
             if self.reporter is not None and self.reporter.due():
                 self._publish()
             if self._cut_off_from_group():
+                # Told first, so that the supervisor starts the replacement at once and does
+                # not take the silence of this worker's graceful stop for a hang.
+                self._report("leaving")
                 return
 
     def _cut_off_from_group(self) -> bool:

@@ -156,6 +156,8 @@ _REP_RETRYABLE = (db.DBRepLockoutError, db.DBRepUnavailError)
 # How long a replication process's open waits for its data file to arrive from the master
 # (a new site joining an existing group) before giving up with a SafeError.
 JOIN_TIMEOUT_S = 60.0
+# How long it waits for a client's start-up sync when it has a copy already (then it serves it).
+STARTUP_WAIT_S = 10.0
 # Once the first ticks are past, TCP_NODELAY is looked for on new sockets this often (and at
 # once after a connection event): subordinates see few events (safe/replication.py).
 NODELAY_TICKS = 10
@@ -293,16 +295,24 @@ def _open_replicated_db(path: Path, env: Any, replicated: Replicated, *, create:
     """Open the data file of a replicated safe, which only its master may create.
 
     The replication process of a site that has none yet (a new site) waits for it to come from
-    the master (Berkeley DB's internal init), or for this site to be elected and create it. The
-    first opens after a sync can meet repmgr's own locks: retried (docs/berkeleydb.md).
+    the master (Berkeley DB's internal init), or for this site to be elected and create it. A
+    client also waits until its start-up sync is done (STARTUP_WAIT_S at most when it has a
+    copy): a DB->open during the sync's lockout sleeps 5 s in libdb before it looks again
+    (measured: the third site of a group took 5.1 s instead of 0.1 s to open). The first opens
+    after a sync can meet repmgr's own locks: retried (docs/berkeleydb.md).
     """
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    started = time.monotonic()
+    deadline = started + JOIN_TIMEOUT_S
     waited = False
     while True:
         exists = (path / DB_FILE).exists()
         try:
-            master = replicated.is_master(env)
-            if exists or (create and master) or not replicated.primary:
+            st = env.rep_stat()
+            master = st["status"] == db.DB_REP_MASTER
+            synced = master or bool(st["startup_complete"])
+            patient = time.monotonic() - started < STARTUP_WAIT_S
+            ready = exists and (synced or not patient)
+            if not replicated.primary or (create and master) or ready:
                 return _open_db(path, env, create=create and master and not exists)
         except SafeError as e:
             if not isinstance(e.__cause__, _RETRYABLE + _REP_RETRYABLE) and not (
@@ -548,10 +558,6 @@ class Environment:
             started = time.perf_counter_ns()
             attempt = 0
             replicated = self.replicated
-            if replicated is not None and not replicated.connected.is_set():
-                # A peer (re)connected to this site and this process has no connection of its
-                # own to it yet: a commit now would not be acknowledged (safe/replication.py).
-                replicated.connected.wait(min(options.timeout, PEER_CONNECT_WAIT_S))
             while True:
                 if replicated is not None:
                     replicated.clear()
@@ -580,6 +586,15 @@ class Environment:
                 return result
         finally:
             next(self._calls_done)
+
+    def before_write(self, options: Options) -> None:
+        """On a replicated safe whose process lacks its own connection to a site the group's
+        replication process reaches: wait for it (boundedly), since a commit now would not be
+        acknowledged (safe/replication.py, `check_connections`). Every write path calls this;
+        reads do not wait."""
+        replicated = self.replicated
+        if replicated is not None and not replicated.connected.is_set():
+            replicated.connected.wait(min(options.timeout, PEER_CONNECT_WAIT_S))
 
     def _replication_retry(self, e: BaseException, generation: int) -> bool:
         """Whether a failed attempt on a replicated safe is worth another: repmgr busy with

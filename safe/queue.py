@@ -284,6 +284,7 @@ class Queue:
         options = safe._options
         if safe._reserve:
             environment.check_space("queue put", options, len(key) + len(value))
+        environment.before_write(options)
         environment.call(
             "queue put",
             options,

@@ -227,6 +227,7 @@ class Safe(MutableMapping[str, object]):
         environment = self._environment_for(what)
         if self._reserve:
             environment.check_space(what, self._options, size)
+        environment.before_write(self._options)
         return environment.call(what, self._options, environment.transaction, self._options, body)
 
     # -- MutableMapping --------------------------------------------------------------------------
@@ -316,6 +317,8 @@ class Safe(MutableMapping[str, object]):
             environment.raise_unusable("set")
         if self._reserve:
             environment.check_space("set", self._options, len(k) + len(v))
+        if environment.replicated is not None:
+            environment.before_write(self._options)
         if self._durable:  # auto-commit: one libdb call, the GIL released once
             environment.call("set", self._options, environment.db_put, k, v)
         else:
@@ -630,6 +633,7 @@ class Safe(MutableMapping[str, object]):
         environment = self._environment_for("set")
         if self._reserve:
             environment.check_space("set", self._options, len(k) + len(data))
+        environment.before_write(self._options)
         environment.call("set", self._options, environment.put_one, self._options, k, data)
 
     # -- maintenance -------------------------------------------------------------------------------
