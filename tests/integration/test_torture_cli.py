@@ -74,3 +74,60 @@ def test_torture_refuses_a_config_without_http(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "no cage has an http interface" in proc.stderr
+
+
+def test_torture_group_kills_the_masters_node_and_loses_nothing(tmp_path: Path) -> None:
+    """`torture --group 3` (README, "Replicated safes"): three nodes on this machine, the node
+    mastering the probe's safe SIGKILLed each round under writes sent to every node, started
+    again; every write answered 200 must then be readable on every node, and every failover
+    must stay within the group's 10 s (tests/integration/test_group.py)."""
+    config = tiny_config(tmp_path)
+    out = tmp_path / "torture.out"
+    command = [*cli(), "torture", str(config), "--group", "3", "--rounds", "2"]
+    with open(out, "wb") as f:
+        proc = subprocess.Popen(
+            [*command, "--kill-every", "1", "--clients", "2", "--seed", "7"],
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        code = proc.wait(150)
+    finally:
+        if proc.poll() is None:  # its nodes are in sessions of their own: kill torture's
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    text = out.read_text()
+    print(text)
+    lines = text.strip().splitlines()
+    assert code == 0, text
+    assert lines[-1] == "lost: 0"
+    killed = [line for line in lines if line.startswith("round ")]
+    assert len(killed) == 2, text
+    assert all("(master), writes served again after" in line for line in killed), text
+    assert all("back as a synced client" in line for line in killed), text
+    rounds = next(line for line in lines if line.startswith("rounds: "))
+    assert rounds.startswith("rounds: 2 of 2,"), text
+    failover = float(rounds.split("max failover: ")[1].split()[0])
+    assert 0 < failover <= 10.0, text
+    acked = int(next(line for line in lines if line.startswith("acknowledged: ")).split()[1])
+    checked = next(line for line in lines if line.startswith("checked: "))
+    assert acked > 0 and checked.startswith(f"checked: {acked} acknowledged writes on each of 3")
+    assert "final stop: exit statuses 0, 0, 0" in text
+    assert "verify: ok (3 safe(s))" in text
+    assert not (tmp_path / "var").exists()
+    assert sorted(p.name for p in (tmp_path / "modules").iterdir()) == ["echo.py"]
+
+
+def test_torture_refuses_a_group_of_two(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [*cli(), "torture", str(tiny_config(tmp_path)), "--group", "2"],
+        capture_output=True,
+        check=False,
+        timeout=60,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "at least 3 nodes" in proc.stderr
+    assert "majority" in proc.stderr
