@@ -38,6 +38,9 @@ __all__ = [
 FORWARDED_HEADER = "X-Pmnc-Forwarded"
 # Between two looks for a master while there is none (an election takes about a second).
 MASTER_POLL_S = 0.1
+# How long a write waits for a master to carry it out, at most (request_timeout if shorter):
+# the contract's bound for a group to serve writes again after losing its master's node.
+MASTER_WAIT_S = 10.0
 
 
 def safe_replication(cfg: NodeConfig, cage: str, module: str) -> Replication | None:
@@ -68,7 +71,7 @@ class Forwarder:
     def __init__(self, cfg: NodeConfig, cage: str, safes: Mapping[str, Safe]) -> None:
         self._cfg = cfg
         self._cage = cage
-        self._timeout = cfg.request_timeout
+        self._timeout = min(cfg.request_timeout, MASTER_WAIT_S)
         self._by_path: dict[Path, tuple[Safe, dict[tuple[str, int], str]]] = {
             safe.path: (safe, node_of_site(cfg, cage, module)) for module, safe in safes.items()
         }

@@ -186,3 +186,40 @@ def test_every_node_stops_cleanly(group: list[NodeProcess], connect: Callable[..
         text = node.text()
         assert "needs recovery" not in text, text[-2000:]
         assert "stopped (exit status 0)" in text
+
+
+def test_a_two_node_group_that_loses_its_master_serves_reads_and_refuses_writes(
+    tmp_path: Path, connect: Callable[..., Client]
+) -> None:
+    """Berkeley DB's default for two sites (2SITE_STRICT): the survivor cannot elect itself
+    without the other's vote, so it goes on serving reads and answers writes with 503
+    NotMaster after waiting for a master (README, "Replicated safes": a group of two)."""
+    nodes = write_group_configs(tmp_path, EXAMPLES, nodes=2, workers=1, threads=4)
+    try:
+        for node in nodes:
+            node.start(wait_ready=False)
+        for node in nodes:
+            node.wait_log(" ready: ", 60)
+        deadline = time.monotonic() + 30
+        while not all(
+            replication(n, "counter")["synced"] and replication(n, "counter")["peers_connected"]
+            for n in nodes
+        ):
+            assert time.monotonic() < deadline, "the group of two did not form"
+            time.sleep(0.1)
+        assert connect(nodes[0]).result("counter", "increment", name="two") == 1
+        master = master_of(nodes, "counter")
+        survivor = next(n for n in nodes if n is not master)
+        client = connect(survivor, timeout=30)
+        eventually(lambda: client.result("counter", "get", name="two") == 1, 5)
+        master.kill_group()
+        started = time.monotonic()
+        code, body = client.call("counter", "increment", name="two")
+        waited = time.monotonic() - started
+        assert code == 503 and body["error"].startswith("NotMaster"), (code, body)
+        assert waited < 15, waited  # the forwarder's bound, not the request timeout
+        assert client.result("counter", "get", name="two") == 1  # reads go on
+        assert replication(survivor, "counter")["role"] != "master"
+    finally:
+        for node in nodes:
+            node.kill_group()
