@@ -72,6 +72,7 @@ from .layout import (
     AUX_FILE,
     DB_FILE,
     FILE_MODE,
+    LOG_FILE_SIZE,
     REGISTER_FILE,
     _check_directory,
     _lock_directory,
@@ -120,10 +121,6 @@ REPLICATED_LOCK_TIMEOUT_S = 2.0
 TICK_S = 0.1
 # Checkpoint as soon as this much log was written since the last one, whatever the interval.
 CHECKPOINT_KBYTES = 2 * 1024
-# Size of a log file. The current one stays after a checkpoint, with as many blocks as were
-# written into it: libdb's default of 10 MiB kept up to 10 MiB per safe that had been written,
-# idle or not (a node of 50 modules: 500 MiB); 2 MiB files bound that at the same write rate.
-LOG_FILE_SIZE = 2 << 20
 # Backoff between retries of a deadlocked or expired operation (docs/berkeleydb.md, "Deadlocks,
 # retries and DB_RMW").
 BACKOFF_MAX_S = 0.05

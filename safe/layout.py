@@ -33,6 +33,11 @@ WAKE_FILE = "queues.wake"  # the queues' wake-up word (safe/wake.py)
 # test_file_modes.py walks them under umask 022 and 000).
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+
+# Size of a log file. The current one stays after a checkpoint, with as many blocks as were
+# written into it: libdb's default of 10 MiB kept up to 10 MiB per safe that had been written,
+# idle or not (a node of 50 modules: 500 MiB); 2 MiB files bound that at the same write rate.
+LOG_FILE_SIZE = 2 << 20
 # The shared regions Berkeley DB maps (`__db.001`, ...; `__db.register` is not one of them).
 REGION_FILES = "__db.0[0-9][0-9]"
 

@@ -36,6 +36,8 @@ from typing import Any
 
 from berkeleydb import db
 
+from .layout import LOG_FILE_SIZE
+
 log = logging.getLogger("pmnc.safe")
 
 ACK_POLICIES = {
@@ -322,8 +324,6 @@ def log_distance(ahead: tuple[int, int] | list[int], behind: tuple[int, int] | l
     """Bytes of log between two log positions (file number, offset) of the same safe: how far
     a client's `lsn` is behind its master's (README, "Replicated safes"). Whole files count as
     LOG_FILE_SIZE each (an estimate for a safe made with other log files); 0 if not behind."""
-    from .env import LOG_FILE_SIZE  # noqa: PLC0415 - env imports this module
-
     (file_a, offset_a), (file_b, offset_b) = ahead, behind
     if (file_a, offset_a) <= (file_b, offset_b):
         return 0
