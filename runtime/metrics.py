@@ -151,6 +151,9 @@ class _Counters:
         self.safe_buckets: list[float] = []
         # (safe, queue) -> {"deliveries": n, "redeliveries": n}: per-process counts, summed.
         self.queue_counts: dict[tuple[str, str], dict[str, int]] = {}
+        # Replicated safes only: commits that did not get their acknowledgements, per process
+        # (`Safe.replication()["perm_failed"]`), summed.
+        self.not_acknowledged: dict[str, int] = {}
 
     def add(self, figures: Mapping[str, Any]) -> None:
         """Add a worker's report, or another `_Counters`' `to_json()` (the same keys)."""
@@ -169,6 +172,10 @@ class _Counters:
             for op, n in safe.get("errors", {}).items():
                 self.safe_errors[name, op] = self.safe_errors.get((name, op), 0) + n
             self.safe_retries[name] = self.safe_retries.get(name, 0) + safe.get("retries", 0)
+            replication = safe.get("replication")
+            if isinstance(replication, Mapping):
+                n = replication.get("perm_failed", 0)
+                self.not_acknowledged[name] = self.not_acknowledged.get(name, 0) + n
             for queue, q in safe.get("queues", {}).items():
                 counts = self.queue_counts.setdefault((name, queue), {})
                 for what in ("deliveries", "redeliveries"):
@@ -210,6 +217,8 @@ class _Counters:
             safe(name)["durations"][op] = {"counts": h.counts, "sum_ns": h.sum_ns}
         for (name, queue), counts in self.queue_counts.items():
             safe(name).setdefault("queues", {})[queue] = dict(counts)
+        for name, n in self.not_acknowledged.items():
+            safe(name)["replication"] = {"perm_failed": n}
         return {
             "calls": [[m, f, c, n] for (m, f, c), n in self.calls.items()],
             "call_durations": [
@@ -296,7 +305,9 @@ def cage_metrics(directory: Path, *, live: Mapping[str, Any] | None = None) -> s
         reports[report_key(live)] = dict(live)
     totals = status.read_json(directory / TOTALS_FILE) or {}
     folded = totals.get("folded", {})
-    return render(cage, [r for k, r in reports.items() if k not in folded], totals, time.time())
+    live_reports = [r for k, r in reports.items() if k not in folded]
+    checked = status.read_json(directory / status.REPLICATION_FILE)
+    return render(cage, live_reports, totals, time.time(), replication=checked)
 
 
 def render(
@@ -304,9 +315,12 @@ def render(
     reports: Iterable[Mapping[str, Any]],
     totals: Mapping[str, Any],
     now: float,
+    *,
+    replication: Mapping[str, Any] | None = None,
 ) -> str:
     """The exposition text from the supervisor's `cage.json`, the live workers' reports (none
-    of them folded into `totals`) and the totals (pure: unit-tested)."""
+    of them folded into `totals`), the totals and the replication process's look at each
+    safe's master (`replication.json`, None if there is none; pure: unit-tested)."""
     reports = sorted(reports, key=lambda r: r.get("written", 0.0), reverse=True)  # freshest first
     live_pids = {w.get("pid") for w in cage.get("workers", [])}
     counters = _Counters()
@@ -429,6 +443,66 @@ def render(
     for r in sorted(reports, key=lambda r: r.get("pid", 0)):
         if isinstance(r.get("rss_bytes"), int) and r.get("pid") in live_pids:
             out.sample("pmnc_worker_rss_bytes", {"pid": r["pid"]}, r["rss_bytes"])
+
+    # Replicated safes (a node group): role, lag, connections from the freshest report and the
+    # replication process's look at the master (status.replication_view); none for the others.
+    checked = (replication or {}).get("safes", {})
+    views = {
+        name: view
+        for name, figures in sorted(environment.items())
+        if (view := status.replication_view(
+            figures.get("replication"), checked.get(name), cage.get("node"), now
+        )) is not None
+    }  # fmt: skip
+    out.family(
+        "pmnc_safe_replication_master",
+        "gauge",
+        "1 if this node's copy of a replicated safe is its group's master, 0 otherwise.",
+    )
+    for name, view in views.items():
+        out.sample("pmnc_safe_replication_master", {"safe": name}, int(view["role"] == "master"))
+    out.family(
+        "pmnc_safe_replication_lag_bytes",
+        "gauge",
+        "Bytes of log a replicated safe's master had written that this copy had not applied "
+        "(0 on the master; absent while unknown).",
+    )
+    for name, view in views.items():
+        if isinstance(view["lag_bytes"], int):
+            out.sample("pmnc_safe_replication_lag_bytes", {"safe": name}, view["lag_bytes"])
+    out.family(
+        "pmnc_safe_replication_lag_age_seconds",
+        "gauge",
+        "Age of the master's log position the lag is measured against.",
+    )
+    for name, view in views.items():
+        if isinstance(view["lag_checked_s"], int | float):
+            labels = {"safe": name}
+            out.sample("pmnc_safe_replication_lag_age_seconds", labels, view["lag_checked_s"])
+    out.family(
+        "pmnc_safe_replication_peers_connected",
+        "gauge",
+        "Sites of a replicated safe's group (the same safe on the other nodes) it is connected to.",
+    )
+    for name, view in views.items():
+        if isinstance(view.get("peers_connected"), int):
+            labels = {"safe": name}
+            out.sample("pmnc_safe_replication_peers_connected", labels, view["peers_connected"])
+    out.family(
+        "pmnc_safe_replication_synced",
+        "gauge",
+        "1 if a replicated safe is the master or a client that finished its start-up sync.",
+    )
+    for name, view in views.items():
+        out.sample("pmnc_safe_replication_synced", {"safe": name}, int(bool(view.get("synced"))))
+    out.family(
+        "pmnc_safe_replication_not_acknowledged_total",
+        "counter",
+        "Commits on a replicated safe that did not get the acknowledgements its ack policy "
+        "asks for in time (SafeNotAcknowledgedError).",
+    )
+    for name, n in sorted(counters.not_acknowledged.items()):
+        out.sample("pmnc_safe_replication_not_acknowledged_total", {"safe": name}, n)
 
     # Queues (docs/queues.md): lengths and ages are the queue's own (freshest report), the
     # delivery counters are per process, summed with the departed workers' totals.

@@ -11,6 +11,12 @@ one, forked before its workers:
     safe knows its role (or has waited READY_WAIT_S with a copy of its data) -> "ready"
     -> beat until SIGTERM (or the supervisor is gone) -> close every safe, exit 0
 
+While it beats it also looks, every LAG_POLL_S, at each safe's master: a client safe knows
+its own log position but not its master's, so a thread (never the beating loop: a peer that
+does not answer costs it up to LAG_POLL_TIMEOUT_S) asks `GET /_status` of the same cage on the
+master's node and writes what it read to the cage's `replication.json` (status.py), from which
+`/_status`, `/metrics` and `pmnc-runtime status` show each safe's master node and lag.
+
 Its workers then open the same safes as subordinates. It beats from a thread while it opens:
 a site with no copy yet waits for the group's master to send one (up to a minute), and the
 supervisor must not take that wait for a hang. If it dies, its cage's workers go with it
@@ -21,6 +27,8 @@ docs/berkeleydb.md) and the cage restarts from a new replication process, which 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import select
 import signal
@@ -28,12 +36,14 @@ import threading
 import time
 from dataclasses import dataclass
 from queue import SimpleQueue
+from typing import Any
 
 from pmnc.safe import Safe, SafeError
 
-from . import logs
+from . import logs, status
+from .calls import master_route
 from .config import CageConfig, NodeConfig
-from .group import safe_replication
+from .group import node_of_site, safe_replication
 from .logs import logger
 from .worker import EXIT_NEEDS_RECOVERY, beat_interval
 
@@ -42,6 +52,10 @@ __all__ = ["ReplicatorSpec", "run"]
 # How long it waits for a role (an election, a sync) once every safe has its data: past that it
 # reports ready anyway, so the node serves reads while the group has no master.
 READY_WAIT_S = 5.0
+# How often it asks each master's node for the master's log position, and how long it waits
+# for an answer (the figure is shown with its age; a late one is worth less than the next).
+LAG_POLL_S = 2.0
+LAG_POLL_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -106,7 +120,14 @@ class _Replicator:
         )
         logger.info("replicating: %s (in %.3f s)", roles or "-", time.monotonic() - started)
         self._report("ready")
-        self._until_stopped()
+        stopped = threading.Event()
+        poller = threading.Thread(target=self._poll_lag, args=(stopped,), daemon=True)
+        poller.start()
+        try:
+            self._until_stopped()
+        finally:
+            stopped.set()
+            poller.join(LAG_POLL_TIMEOUT_S * 3)  # at most one request in flight
         return 0 if self._close() else EXIT_NEEDS_RECOVERY
 
     def _open(self) -> None:
@@ -153,6 +174,93 @@ class _Replicator:
             if os.getppid() != self.ppid or not self._report("beat"):
                 logger.warning("the supervisor is gone: stopping")
                 return
+
+    def _poll_lag(self, stopped: threading.Event) -> None:
+        """Every LAG_POLL_S until `stopped`: the masters' log positions into replication.json."""
+        path = status.run_dir(self.cfg, self.spec.cage.name) / status.REPLICATION_FILE
+        entries: dict[str, dict[str, Any]] = {}
+        for module in self.spec.modules:
+            sites = node_of_site(self.cfg, self.spec.cage.name, module)
+            entries[module] = {
+                "sites": {f"{host}:{port}": node for (host, port), node in sites.items()},
+                "master_site": None,
+                "master_node": None,
+                "master_lsn": None,
+                "checked": None,
+            }
+        while True:
+            try:
+                self._look_at_masters(entries)
+                status.write_json(
+                    path, {"written": time.time(), "node": self.cfg.node, "safes": entries}
+                )
+            except OSError as e:
+                logger.debug("looking at the masters' log positions: %s", e)
+            except Exception:  # noqa: BLE001 - a bug here costs the lag figures, not the group
+                logger.exception("looking at the masters' log positions")
+            if stopped.wait(LAG_POLL_S):
+                return
+
+    def _look_at_masters(self, entries: dict[str, dict[str, Any]]) -> None:
+        """Update each module's entry with its master's lsn: this site's own on the master,
+        else asked of the master's node. An entry that could not be updated keeps its last
+        figure and time (shown with its age), or its master site if the master changed."""
+        # Each safe's role and master come from the workers' reports (status.py, a second old
+        # at most), not from this process's safes: once ready, this process makes no libdb
+        # call of its own next to the repmgr threads it runs (safe/replication.py).
+        try:
+            own = status.cage_status(status.run_dir(self.cfg, self.spec.cage.name))
+        except status.NotRunningError:
+            return
+        documents: dict[str, dict[str, Any] | None] = {}  # one /_status per node and round
+        for module in self.spec.modules:
+            entry = entries[module]
+            info = own["safes"].get(module, {}).get("replication") or {}
+            site = info.get("master")
+            node = entry["sites"].get(site) if isinstance(site, str) else None
+            if node is None:
+                continue  # no master known: the last figure stays, with its age
+            if node == self.cfg.node:
+                if info.get("role") == "master":
+                    entry.update(
+                        master_site=site, master_node=node, master_lsn=info.get("lsn"),
+                        checked=time.time(),
+                    )  # fmt: skip
+                continue
+            if node not in documents:
+                documents[node] = self._status_of(node)
+            document = documents[node]
+            theirs = (document or {}).get("safes", {}).get(module, {}).get("replication") or {}
+            if theirs.get("role") == "master" and theirs.get("lsn") is not None:
+                entry.update(
+                    master_site=site, master_node=node, master_lsn=theirs["lsn"],
+                    checked=time.time(),
+                )  # fmt: skip
+
+    def _status_of(self, node: str) -> dict[str, Any] | None:
+        """`GET /_status` of this cage on `node`, or None if it has no address or no answer
+        within LAG_POLL_TIMEOUT_S."""
+        address = master_route(self.cfg, node, self.spec.cage.name)
+        if address is None:
+            return None
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
+        conn = http.client.HTTPConnection(host, address.port, timeout=LAG_POLL_TIMEOUT_S)
+        try:
+            conn.request("GET", status.STATUS_PATH)
+            response = conn.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as e:
+            logger.debug("asking node %s for its status: %s", node, e)
+            return None
+        finally:
+            conn.close()
+        try:
+            document = json.loads(body)
+        except ValueError:
+            return None
+        if response.status != 200 or not isinstance(document, dict):
+            return None
+        return document if document.get("node") == node else None
 
     def _report(self, message: str) -> bool:
         with self._report_lock:

@@ -30,6 +30,15 @@ median of the workers' p50 and p99 the worst (largest) of their p99; environment
 (log size, last checkpoint, cache hit ratio, region bytes: one shared Berkeley DB environment)
 come from the most recent report.
 
+Replication (a node group, the config's `replication:`): each safe's report carries its role,
+master site and log position (`Safe.replication()`). A client does not know its master's log
+position, so the cage's replication process (`replicator.py`) asks the master's node for it
+every couple of seconds and writes `replication.json` here: per module the sites' node names,
+the master site and node it asked, the master's `lsn` and when it read it. `/_status` then
+shows per safe `replication.master_node`, `master_lsn`, `lag_bytes` (`log_distance(master_lsn,
+lsn)`: 0 on the master, null while unknown or when the master changed since it was read) and
+`lag_checked_s` (the age of the master's figure: the lag is at most that old).
+
 Memory: each worker reports its resident set (`rss_bytes`, from /proc/self/statm: the pages
 of the shared regions it touched count in every worker that mapped them), and each safe the
 disk its shared regions hold (`region_bytes`, reservations included: docs/footprint.md), so an
@@ -46,14 +55,15 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
-from pmnc.safe import Safe, SafeError
+from pmnc.safe import Safe, SafeError, log_distance
 
 from .config import NodeConfig
 
 __all__ = [
     "CAGE_FILE",
+    "REPLICATION_FILE",
     "REPORT_INTERVAL",
     "STATUS_PATH",
     "NotRunningError",
@@ -64,11 +74,13 @@ __all__ = [
     "read_cage",
     "read_json",
     "render",
+    "replication_view",
     "run_dir",
     "write_json",
 ]
 
 CAGE_FILE = "cage.json"
+REPLICATION_FILE = "replication.json"  # the replication process's look at each master's lsn
 STATUS_PATH = "/_status"  # GET: this document; not counted as a request
 REPORT_INTERVAL = 1.0  # seconds between a worker's reports
 STATUS_CLASSES = ("2xx", "4xx", "5xx")  # what the server answers (no 1xx or 3xx)
@@ -232,7 +244,8 @@ def cage_status(directory: Path, *, live: Mapping[str, Any] | None = None) -> di
         report = report or read_json(directory / f"{pid}.json")
         if report is not None:
             reports[pid] = dict(report)
-    status = aggregate(cage, reports, time.time())
+    checked = read_json(directory / REPLICATION_FILE)
+    status = aggregate(cage, reports, time.time(), replication=checked)
     if live is not None:
         status["answered_by"] = live.get("pid")
     return status
@@ -249,12 +262,18 @@ def _alive(pid: int) -> bool:
 
 
 def aggregate(
-    cage: Mapping[str, Any], reports: Mapping[int, Mapping[str, Any]], now: float
+    cage: Mapping[str, Any],
+    reports: Mapping[int, Mapping[str, Any]],
+    now: float,
+    *,
+    replication: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Combine the supervisor's view of a cage with its workers' reports (pure: unit-tested).
 
     Counts and rates: summed. Latency per operation: p50 the median of the workers' p50, p99 the
     worst of their p99. Log size, checkpoint, cache hit ratio: from the most recent report.
+    `replication` is the replication process's `replication.json` (None: not written yet), from
+    which a replicated safe gets its master's node and its lag (`replication_view`).
     """
     workers = []
     responses = dict.fromkeys(STATUS_CLASSES, 0)
@@ -280,6 +299,11 @@ def aggregate(
     names = sorted({name for r in reports.values() for name in r.get("safes", {})})
     freshest = sorted(reports.values(), key=lambda r: r.get("written", 0.0), reverse=True)
     safes = {name: _aggregate_safe(name, freshest, now) for name in names}
+    checked = (replication or {}).get("safes", {})
+    for name, figures in safes.items():
+        figures["replication"] = replication_view(
+            figures["replication"], checked.get(name), cage.get("node"), now
+        )
     return {
         "node": cage.get("node"),
         "cage": cage.get("cage"),
@@ -291,6 +315,55 @@ def aggregate(
         "workers": workers,
         "safes": safes,
     }
+
+
+def replication_view(
+    figures: Mapping[str, Any] | None,
+    checked: Mapping[str, Any] | None,
+    node: object,
+    now: float,
+) -> dict[str, Any] | None:
+    """A safe's replication figures (its freshest report's; None: not replicated) with its
+    master's node and its lag, from `checked`, its entry of `replication.json` (None: no look
+    yet). `node` is this node's name (a master's master node is itself).
+
+    `lag_bytes` is `log_distance(master_lsn, lsn)`: bytes of log the master had written when it
+    was asked (`lag_checked_s` ago) that this copy had not applied when it last reported. 0 on
+    the master; null when the master is unknown, was never asked, or is not the site that was
+    asked (an election since: the figure is of another log).
+    """
+    if not isinstance(figures, Mapping):
+        return None
+    view = dict(figures)
+    entry = checked if isinstance(checked, Mapping) else {}
+    sites = entry.get("sites")
+    master = figures.get("master")
+    master_node = sites.get(master) if isinstance(sites, Mapping) and master else None
+    master_lsn: object = None
+    lag: int | None = None
+    age: float | None = None
+    if figures.get("role") == "master":
+        master_node = node if master_node is None else master_node
+        master_lsn, lag, age = figures.get("lsn"), 0, 0.0
+    elif master is not None and entry.get("master_site") == master:
+        theirs, ours, when = entry.get("master_lsn"), figures.get("lsn"), entry.get("checked")
+        if _is_lsn(theirs) and _is_lsn(ours) and isinstance(when, int | float):
+            master_lsn = list(theirs)
+            lag = log_distance(list(theirs), list(ours))
+            age = round(max(0.0, now - when), 3)
+    view["master_node"] = master_node
+    view["master_lsn"] = master_lsn
+    view["lag_bytes"] = lag
+    view["lag_checked_s"] = age
+    return view
+
+
+def _is_lsn(value: object) -> TypeGuard[list[int] | tuple[int, int]]:
+    return (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
 
 
 def _aggregate_safe(name: str, reports: list[Mapping[str, Any]], now: float) -> dict[str, Any]:
@@ -406,6 +479,25 @@ def render(status: Mapping[str, Any]) -> str:
             ]
         )
     lines += ["", *_table(rows)]
+    rows = [["safe", "role", "master", "master node", "lag", "checked", "peers", "synced"]]
+    for name, s in safes.items():
+        rep = s.get("replication")
+        if isinstance(rep, Mapping):
+            lag, checked = rep.get("lag_bytes"), rep.get("lag_checked_s")
+            rows.append(
+                [
+                    name,
+                    str(rep.get("role")),
+                    str(rep.get("master") or "-"),
+                    str(rep.get("master_node") or "-"),
+                    "unknown" if lag is None else human_size(lag),
+                    "-" if checked is None else f"{_duration(checked)} ago",
+                    f"{rep.get('peers_connected', 0)}/{rep.get('peers', '?')}",
+                    "yes" if rep.get("synced") else "no",
+                ]
+            )
+    if len(rows) > 1:
+        lines += ["", *_table(rows)]
     rows = [["safe", "op", "count", "p50 ms", "p99 ms"]]
     for name, s in safes.items():
         for op, lat in s["latency"].items():

@@ -1,5 +1,9 @@
 """`pmnc-runtime status CONFIG`: a running node's workers and safes, per cage.
 
+On a node group (the config's `replication:`) each replicated safe also shows its role, its
+master's site and node, and its lag: the bytes of log its master had written, when the cage's
+replication process last asked it, that this copy had not applied (status.py).
+
 Each cage's figures come from its own `GET /_status`, that is from a worker actually serving, so
 the answer also proves the interface works; a cage without HTTP is read from the reports the
 endpoint itself combines (`status.py`). Exit 0, 2 for an invalid config, 3 with one line on
@@ -28,7 +32,8 @@ def add_parser(subparsers: Any) -> None:
         help="show a running node's workers and safes",
         description="Print, per cage of the node described by CONFIG, its workers (pid, uptime, "
         "restarts, requests) and its safes (ops/s, p50/p99 per operation, retries, errors, log "
-        "size, last checkpoint, cache hit ratio), as served by the cage's GET /_status. "
+        "size, last checkpoint, cache hit ratio; on a node group each safe's role, master node and "
+        "lag behind its master), as served by the cage's GET /_status. "
         "Exit 3 if the node is not running.",
     )
     parser.add_argument("config", metavar="CONFIG", help="the node's YAML file")

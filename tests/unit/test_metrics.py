@@ -398,3 +398,58 @@ def test_a_safes_stats_carry_its_queues(tmp_path: Path) -> None:
     assert figures["length"] == 2 and figures["leased"] == 0
     assert figures["deliveries"] == 1 and figures["redeliveries"] == 0
     assert 0 <= figures["oldest_age_s"] < 5
+
+
+def test_replication_gauges_and_the_not_acknowledged_counter() -> None:
+    """Per replicated safe: master or not, lag, its age, peers connected, synced (gauges from
+    the freshest report and replication.json), and commits not acknowledged summed over the
+    live workers and the departed ones (a counter). A safe without a group has none of them."""
+
+    def report(pid: int, written: float, lsn: list[int], perm_failed: int) -> dict[str, Any]:
+        r = worker_report(pid, 1, written=written)
+        r["safes"]["counter"]["replication"] = {
+            "role": "client",
+            "master": "127.0.0.1:7002",
+            "lsn": lsn,
+            "synced": True,
+            "peers_connected": 1,
+            "peers": 2,
+            "perm_failed": perm_failed,
+        }
+        r["safes"]["plain"] = dict(worker_report(pid, 0)["safes"]["counter"])
+        return r
+
+    reports = [report(10, NOW - 0.5, [2, 100], 1), report(11, NOW, [2, 300], 2)]
+    totals = metrics._Counters()
+    totals.add(report(9, NOW - 60, [1, 1], 4))  # a departed worker, folded into totals.json
+    look = {
+        "safes": {
+            "counter": {
+                "sites": {"127.0.0.1:7001": "n", "127.0.0.1:7002": "other"},
+                "master_site": "127.0.0.1:7002",
+                "master_lsn": [2, 1000],
+                "checked": NOW - 1.5,
+            }
+        }
+    }
+    families = parse(metrics.render(CAGE, reports, totals.to_json(), NOW, replication=look))
+    s = {"safe": "counter"}
+    assert value(families, "pmnc_safe_replication_master", **s) == 0
+    assert value(families, "pmnc_safe_replication_lag_bytes", **s) == 700  # from [2, 300]
+    assert value(families, "pmnc_safe_replication_lag_age_seconds", **s) == 1.5
+    assert value(families, "pmnc_safe_replication_peers_connected", **s) == 1
+    assert value(families, "pmnc_safe_replication_synced", **s) == 1
+    assert families["pmnc_safe_replication_not_acknowledged"].type == "counter"
+    assert value(families, "pmnc_safe_replication_not_acknowledged_total", **s) == 1 + 2 + 4
+    for family in families.values():
+        if family.name.startswith("pmnc_safe_replication"):
+            assert all(sample.labels["safe"] == "counter" for sample in family.samples)
+
+    # Before the replication process's first look: no lag (not a made-up 0), the rest is there.
+    families = parse(metrics.render(CAGE, reports, {}, NOW))
+    assert not families["pmnc_safe_replication_lag_bytes"].samples
+    assert value(families, "pmnc_safe_replication_synced", **s) == 1
+    reports[1]["safes"]["counter"]["replication"]["role"] = "master"
+    families = parse(metrics.render(CAGE, reports, {}, NOW))
+    assert value(families, "pmnc_safe_replication_master", **s) == 1
+    assert value(families, "pmnc_safe_replication_lag_bytes", **s) == 0

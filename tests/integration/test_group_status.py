@@ -1,0 +1,179 @@
+"""How far a node's copy of a replicated safe lags its master, shown where an operator looks:
+`/_status`, `/metrics` and `pmnc-runtime status` (runtime/status.py, runtime/metrics.py,
+docs/metrics.md). Three real nodes on this machine, as in tests/integration/test_group.py.
+
+What a user depends on: reads are served where they arrive and may lag the master; on a client
+node each safe says it is a client, names the master's node, and its lag falls to 0 bytes a
+few seconds after a write on the master, measured against a master log position read after
+that write (the cage's replication process asks the master's node every 2 s,
+runtime/replicator.py). The master says it is master with no lag.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pmnc.runtime.harness import (
+    TRANSPORT_ERRORS,
+    Client,
+    NodeProcess,
+    pmnc_runtime,
+    write_group_configs,
+)
+from pmnc.safe import log_distance
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import EXAMPLES
+
+LAG_S = 10.0  # a write on the master shows as caught up (lag 0, a fresh look) within this
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> Iterator[list[NodeProcess]]:
+    nodes = write_group_configs(tmp_path, EXAMPLES, workers=2, threads=4)
+    try:
+        for node in nodes:
+            node.start(wait_ready=False)
+        for node in nodes:
+            node.wait_log(" ready: ", 60)
+        eventually(lambda: formed(nodes), 30)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.kill_group()
+
+
+def get(node: NodeProcess, path: str) -> bytes:
+    client = Client(port=node.port)
+    try:
+        code, data = client.request("GET", path)
+    finally:
+        client.close()
+    assert code == 200, (path, data[:500])
+    return data
+
+
+def replication(node: NodeProcess, module: str) -> dict[str, Any]:
+    info = json.loads(get(node, "/_status"))["safes"][module]["replication"]
+    assert isinstance(info, dict), f"{node.config}: no replication figures for {module}"
+    return info
+
+
+def formed(nodes: list[NodeProcess]) -> bool:
+    """Every safe synced and connected to both peers (as in test_group.py); a cage that
+    restarts while the group forms (a worker making way, runtime/worker.py) is not yet."""
+    for node in nodes:
+        try:
+            document = json.loads(get(node, "/_status"))
+        except TRANSPORT_ERRORS:
+            return False
+        for figures in document["safes"].values():
+            info = figures["replication"]
+            if not info or not info["synced"] or info["peers_connected"] < 2:
+                return False
+    return True
+
+
+def name(node: NodeProcess) -> str:
+    return node.config.stem  # write_group_configs names node N's config nodeN.yaml
+
+
+def eventually(check: Callable[[], object], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.1)
+
+
+def gauges(node: NodeProcess, safe: str) -> dict[str, float]:
+    """The replication series of `safe` in the node's /metrics, by sample name."""
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(get(node, "/metrics").decode()):
+        for sample in family.samples:
+            if sample.name.startswith("pmnc_safe_replication_") and sample.labels["safe"] == safe:
+                found[sample.name] = sample.value
+    return found
+
+
+def test_a_client_shows_its_master_node_and_catches_up_to_zero_lag(
+    group: list[NodeProcess],
+) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        masters = [n for n in group if replication(n, "kv")["role"] == "master"]
+        if len(masters) == 1:
+            break
+        assert time.monotonic() < deadline, f"masters of kv: {len(masters)}"
+        time.sleep(0.1)
+    [master] = masters
+    clients = [n for n in group if n is not master]
+
+    writer = Client(port=master.port)
+    try:
+        for i in range(20):  # some log on the master for the clients to apply
+            writer.result("kv", "put", key=f"k{i}", value="x" * 1000)
+    finally:
+        writer.close()
+    written = replication(master, "kv")["lsn"]  # the master's log end, after the writes
+
+    for node in clients:
+        reader = Client(port=node.port)
+
+        def arrived(reader: Client = reader) -> bool:
+            return bool(reader.result("kv", "get", key="k19") == "x" * 1000)
+
+        try:
+            eventually(arrived, LAG_S)
+        finally:
+            reader.close()
+        seen: dict[str, Any] = {}
+
+        def caught_up(node: NodeProcess = node, seen: dict[str, Any] = seen) -> bool:
+            seen.update(replication(node, "kv"))
+            look = seen.get("master_lsn")
+            # A look at the master taken after the writes, and this copy caught up with it.
+            return look is not None and look >= written and seen["lag_bytes"] == 0
+
+        eventually(caught_up, LAG_S)
+        assert seen["role"] == "client"
+        assert seen["master_node"] == name(master)
+        assert 0 <= seen["lag_checked_s"] < 5, seen
+        assert log_distance(seen["master_lsn"], seen["lsn"]) == 0
+
+        # The same figures in /metrics (a master's checkpoint between two looks may show a
+        # passing lag: 0 again within a look or two).
+        figures: dict[str, float] = {}
+
+        def no_lag(node: NodeProcess = node, figures: dict[str, float] = figures) -> bool:
+            figures.update(gauges(node, "kv"))
+            return figures.get("pmnc_safe_replication_lag_bytes") == 0
+
+        eventually(no_lag, LAG_S)
+        assert figures["pmnc_safe_replication_master"] == 0
+        assert figures["pmnc_safe_replication_peers_connected"] == 2
+        assert figures["pmnc_safe_replication_synced"] == 1
+        # Present; not necessarily 0: a node alone while the group forms is its own master,
+        # and its commits then (a checkpoint) get no acknowledgement.
+        assert figures["pmnc_safe_replication_not_acknowledged_total"] >= 0
+
+    own = replication(master, "kv")
+    assert own["master_node"] == name(master) and own["lag_bytes"] == 0
+    figures = gauges(master, "kv")
+    assert figures["pmnc_safe_replication_master"] == 1
+    assert figures["pmnc_safe_replication_lag_bytes"] == 0
+
+    shown = subprocess.run(
+        [*pmnc_runtime(), "status", str(clients[0].config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    [row] = [line.split() for line in shown.splitlines() if line.split()[:2] == ["kv", "client"]]
+    assert name(master) in row and "unknown" not in row, shown  # role, master node, a lag
