@@ -23,7 +23,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from pmnc.safe import SafeError
+from pmnc.safe import SafeError, SafeNotMasterError
 
 if TYPE_CHECKING:
     from pmnc.safe import Safe
@@ -83,6 +83,12 @@ def _shipping() -> None:
             with delivery as order:
                 _ship(order, delivery.redelivered)
         except (queue.Empty, _Transient):
+            continue
+        except SafeNotMasterError:
+            # In a node group only the node where this safe is master takes from its queue:
+            # the others wait and take over if the master's node goes (README, "Replicated
+            # safes").
+            time.sleep(1.0)
             continue
         except SafeError:
             return  # the safe was closed (the worker is stopping) or needs recovery
