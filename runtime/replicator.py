@@ -27,6 +27,7 @@ docs/berkeleydb.md) and the cage restarts from a new replication process, which 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import json
 import os
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import Any
 
-from pmnc.safe import Safe, SafeError
+from pmnc.safe import Replication, Safe, SafeError, is_safe
 
 from . import logs, status
 from .calls import master_route
@@ -56,6 +57,8 @@ READY_WAIT_S = 5.0
 # for an answer (the figure is shown with its age; a late one is worth less than the next).
 LAG_POLL_S = 2.0
 LAG_POLL_TIMEOUT_S = 1.0
+# How long the look at a peer before creating a group may take (_join_if_the_group_runs).
+JOIN_PROBE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -134,16 +137,48 @@ class _Replicator:
         for module in self.spec.modules:
             if not self.signals.empty():
                 raise SafeError(self.cfg.data_dir, "start", "asked to stop")
+            path = self.cfg.safe_dir(self.spec.cage.name, module)
+            replication = safe_replication(self.cfg, self.spec.cage.name, module)
+            if replication is not None and replication.creator and not is_safe(path):
+                replication = self._join_if_the_group_runs(module, replication)
             self.safes.append(
                 Safe.open(
-                    self.cfg.safe_dir(self.spec.cage.name, module),
+                    path,
                     durable=self.cfg.durable,
                     checkpoint_interval=self.cfg.checkpoint_interval,
                     recover=True,
                     create=True,
-                    replication=safe_replication(self.cfg, self.spec.cage.name, module),
+                    replication=replication,
                 )
             )
+
+    def _join_if_the_group_runs(self, module: str, replication: Replication) -> Replication:
+        """This node would create the group of a safe it has no copy of. If a peer already
+        serves that safe with a master, the group exists and this node lost its copy (a new
+        disk): join it instead of creating a second group (README, "Replicated safes")."""
+        for peer in self.cfg.replication.peers if self.cfg.replication else ():
+            address = peer.http.get(self.spec.cage.name)
+            if address is None:
+                continue
+            host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
+            conn = http.client.HTTPConnection(host, address.port, timeout=JOIN_PROBE_S)
+            try:
+                conn.request("GET", status.STATUS_PATH)
+                document = json.loads(conn.getresponse().read())
+                info = document["safes"][module]["replication"]
+            except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+                continue
+            finally:
+                conn.close()
+            if isinstance(info, dict) and info.get("master"):
+                logger.warning(
+                    "%s: no copy here, and node %s serves it with a master: joining the "
+                    "group rather than creating one",
+                    module,
+                    peer.node,
+                )
+                return dataclasses.replace(replication, create_group=False)
+        return replication
 
     def _await_roles(self) -> None:
         deadline = time.monotonic() + READY_WAIT_S

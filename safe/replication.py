@@ -79,13 +79,16 @@ class Replication:
 
     `ack` is one of ACK_POLICIES; `priority` 0 means never master. Exactly one site of a new
     group creates it: the one whose address sorts first among `local` and `peers`, so every
-    node decides the same without talking (later starts join the existing group).
+    node decides the same without talking (later starts join the existing group), unless
+    `create_group` says otherwise (False: only join, for a site that lost its data while the
+    group goes on; libdb ignores it for a site that is a member already).
     """
 
     local: tuple[str, int]
     peers: tuple[tuple[str, int], ...] = ()
     ack: str = "quorum"
     priority: int = 100
+    create_group: bool | None = None
 
     def __post_init__(self) -> None:
         if self.ack not in ACK_POLICIES:
@@ -97,6 +100,8 @@ class Replication:
 
     @property
     def creator(self) -> bool:
+        if self.create_group is not None:
+            return self.create_group
         return self.local == min((self.local, *self.peers))
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pmnc.runtime.config import load_config
 from pmnc.runtime.harness import TRANSPORT_ERRORS, Client, NodeProcess, write_group_configs
 
 from tests.helpers import EXAMPLES
@@ -223,3 +225,35 @@ def test_a_two_node_group_that_loses_its_master_serves_reads_and_refuses_writes(
     finally:
         for node in nodes:
             node.kill_group()
+
+
+def test_the_group_creator_restarted_without_its_data_joins_the_group(
+    group: list[NodeProcess], connect: Callable[..., Client]
+) -> None:
+    """The node whose address sorts lowest creates the group when its safes are new; started
+    again on an empty data directory (a lost disk) while the others serve, it must join them
+    (getting every safe by internal init), not create a second group (runtime/replicator.py)."""
+
+    def base(node: NodeProcess) -> tuple[str, int]:
+        replication = load_config(node.config).replication
+        assert replication is not None
+        return (replication.address.host, replication.address.port)
+
+    creator = min(group, key=base)
+    others = [n for n in group if n is not creator]
+    for i in range(10):
+        connect(others[0]).result("kv", "put", key=f"k{i}", value=i)
+    creator.kill_group()
+    data = load_config(creator.config).data_dir
+    shutil.rmtree(data)
+    since = creator.log_size()
+    creator.start(timeout=60)
+    assert "joining the group rather than creating one" in creator.text(since)
+    back = connect(creator)
+    eventually(lambda: back.result("kv", "get", key="k9") == 9, 10)
+    for node in group:
+        eventually(lambda n=node: replication(n, "kv")["role"] in ("master", "client"), 10)
+    masters = {replication(n, "kv")["master"] for n in group}
+    assert len(masters) == 1, masters  # one group: every node names the same master
+    assert connect(creator).result("kv", "put", key="after", value=1) is None
+    eventually(lambda: connect(others[1]).result("kv", "get", key="after") == 1, 10)
