@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -41,6 +42,8 @@ MASTER_POLL_S = 0.1
 # How long a write waits for a master to carry it out, at most (request_timeout if shorter):
 # the contract's bound for a group to serve writes again after losing its master's node.
 MASTER_WAIT_S = 10.0
+# Connecting to and sending a call to the master's node, at most (a live node accepts at once).
+CONNECT_S = 2.0
 
 
 def safe_replication(cfg: NodeConfig, cage: str, module: str) -> Replication | None:
@@ -99,7 +102,7 @@ class Forwarder:
             if node == self._cfg.node and safe.is_master():
                 return run_here()  # elected here meanwhile
             if node is not None and node != self._cfg.node:
-                answer = self._send(node, call, deadline)
+                answer = self._send(node, call, deadline, safe, nodes)
                 if answer is not None:
                     return answer
                 last = f"the master's node {node} did not take the call"
@@ -114,9 +117,22 @@ class Forwarder:
             info = safe.replication() or {}
             master = _address(info.get("master"))
 
-    def _send(self, node: str, call: Call, deadline: float) -> Response | None:
+    def _send(
+        self,
+        node: str,
+        call: Call,
+        deadline: float,
+        safe: Safe,
+        nodes: Mapping[tuple[str, int], str],
+    ) -> Response | None:
         """POST the call to `node`'s cage: its answer, or None if it could not be delivered
-        or that node is no longer master (try again once a master is known)."""
+        or that node is no longer master (try again once a master is known).
+
+        The answer is awaited for up to request_timeout, but a hung master node (stopped, or
+        its machine frozen) accepts the connection and never answers: while waiting, the
+        local site's view of the master is checked every MASTER_POLL_S, and once the group has
+        elected another node the wait ends with 502 (the call may run there when it resumes,
+        or not; it is not sent again, which could apply it twice)."""
         address = master_route(self._cfg, node, self._cage)
         if address is None:
             return error_response(
@@ -132,28 +148,78 @@ class Forwarder:
         left = deadline - time.monotonic()
         if left <= 0:
             return None
-        conn = http.client.HTTPConnection(host, address.port, timeout=left)
+        conn = http.client.HTTPConnection(host, address.port, timeout=min(left, CONNECT_S))
         try:
-            try:
-                conn.request("POST", f"/{call.module}/{call.function}", call.body, headers)
-            except OSError as e:
-                logger.info("forwarding %s.%s to %s: %s", call.module, call.function, node, e)
-                return None  # not sent: nothing ran there
-            try:
-                response = conn.getresponse()
-                data = response.read()
-            except (OSError, http.client.HTTPException) as e:
+            return self._exchange(conn, node, call, headers, safe=safe, nodes=nodes)
+        finally:
+            conn.close()
+
+    def _exchange(
+        self,
+        conn: http.client.HTTPConnection,
+        node: str,
+        call: Call,
+        headers: Mapping[str, str],
+        *,
+        safe: Safe,
+        nodes: Mapping[tuple[str, int], str],
+    ) -> Response | None:
+        """One forwarded call on `conn` (see _send)."""
+        try:
+            conn.request("POST", f"/{call.module}/{call.function}", call.body, dict(headers))
+        except OSError as e:
+            logger.info("forwarding %s.%s to %s: %s", call.module, call.function, node, e)
+            return None  # not sent: nothing ran there
+        try:
+            elected = self._await_answer(conn, node, safe, nodes)
+            if elected is not None:
                 return error_response(
                     502,
                     "ForwardError",
-                    f"forwarded to node {node} (the master), which gave no answer "
-                    f"({type(e).__name__}: {e}): the call may or may not have run there",
+                    f"forwarded to node {node}, which gave no answer before the group "
+                    f"elected node {elected}: the call may or may not have run there",
                 )
-        finally:
-            conn.close()
+            response = conn.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as e:
+            return error_response(
+                502,
+                "ForwardError",
+                f"forwarded to node {node} (the master), which gave no answer "
+                f"({type(e).__name__}: {e}): the call may or may not have run there",
+            )
         if response.status == 503 and _error_type(data) == "NotMaster":
             return None  # no longer master there: look again
         return Response(response.status, data)
+
+    def _await_answer(
+        self,
+        conn: http.client.HTTPConnection,
+        node: str,
+        safe: Safe,
+        nodes: Mapping[tuple[str, int], str],
+    ) -> str | None:
+        """Wait until `node` begins to answer (None), or the group elects another node (its
+        name); TimeoutError past request_timeout."""
+        answer_by = time.monotonic() + self._cfg.request_timeout
+        while not _readable(conn, MASTER_POLL_S):
+            master = _address((safe.replication() or {}).get("master"))
+            elected = None if master is None else nodes.get(master)
+            if elected is not None and elected != node:
+                return elected
+            if time.monotonic() > answer_by:
+                raise TimeoutError(f"no answer within {self._cfg.request_timeout:g} s")
+        if conn.sock is not None:
+            conn.sock.settimeout(max(0.1, answer_by - time.monotonic()))
+        return None
+
+
+def _readable(conn: http.client.HTTPConnection, timeout: float) -> bool:
+    """Whether the answer (or the connection's end) has begun to arrive within `timeout`."""
+    if conn.sock is None:
+        return True  # closed already: getresponse says how
+    readable, _, _ = select.select([conn.sock], [], [], timeout)
+    return bool(readable)
 
 
 def _address(text: object) -> tuple[str, int] | None:

@@ -257,3 +257,37 @@ def test_the_group_creator_restarted_without_its_data_joins_the_group(
     assert len(masters) == 1, masters  # one group: every node names the same master
     assert connect(creator).result("kv", "put", key="after", value=1) is None
     eventually(lambda: connect(others[1]).result("kv", "get", key="after") == 1, 10)
+
+
+def test_a_hung_master_node_is_replaced_and_rejoins_when_it_resumes(
+    group: list[NodeProcess], connect: Callable[..., Client]
+) -> None:
+    """SIGSTOP of the master's whole node (a hung machine): its TCP connections stay open, so
+    only heartbeats tell the others (safe/replication.py); they elect a new master and serve
+    writes within 10 s. Resumed, the old master finds a newer master and becomes its client;
+    the group agrees on one master and on the writes made meanwhile."""
+    master = master_of(group, "counter")
+    survivors = [n for n in group if n is not master]
+    client = connect(survivors[0], timeout=15)
+    assert client.result("counter", "increment", name="h") == 1
+    os.killpg(master.pid, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        while True:
+            assert time.monotonic() - stopped < FAILOVER_S, "no write served within 10 s"
+            try:
+                code, body = client.call("counter", "increment", name="h")
+            except TRANSPORT_ERRORS:
+                continue
+            if code == 200:
+                break
+        served = body["result"]
+        assert served >= 2
+    finally:
+        os.killpg(master.pid, signal.SIGCONT)
+    eventually(lambda: replication(master, "counter")["role"] == "client", 15)
+    masters = {replication(n, "counter")["master"] for n in group}
+    assert len(masters) == 1, masters
+    resumed = connect(master)
+    eventually(lambda: resumed.result("counter", "get", name="h") == served, 10)
+    assert resumed.result("counter", "increment", name="h") == served + 1
