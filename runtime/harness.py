@@ -17,6 +17,7 @@ import http.client
 import json
 import math
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -122,14 +123,16 @@ def write_config(
 
 def free_port_range(count: int, host: str = "127.0.0.1", step: int = 100) -> int:
     """A base port p with p .. p + count - 1 all free a moment ago (a node's replication
-    ports: one per safe); bases are multiples of `step` so that nodes stay 100 apart."""
-    for _ in range(200):
-        base = free_port(host) // step * step
-        if base < 1024 or base + count > 65535:
-            continue
+    ports: one per safe); bases are multiples of `step` so that nodes stay 100 apart. Drawn
+    below Linux's ephemeral range (32768 and up by default), where client sockets and their
+    TIME_WAIT leftovers would keep a run of ports from staying free."""
+    chooser = random.Random()
+    for _ in range(500):
+        base = chooser.randrange(10_000 // step, 32_000 // step) * step
         try:
             for port in range(base, base + count):
                 with socket.socket() as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as repmgr does
                     s.bind((host, port))
         except OSError:
             continue
