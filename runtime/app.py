@@ -19,6 +19,7 @@ version; `tests/integration/test_bad_input.py` sends them):
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -246,21 +247,8 @@ class Application:
                 logger.warning("%s.%s: %s", module, function, e)
                 return error_response(503, "NotMaster", describe(e))
             call = Call(module, function, body, chain, forwarded)
-            return self._forward(e, call, lambda: self._run_here(module, function, fn, args, chain))
-
-    def _run_here(
-        self,
-        module: str,
-        function: str,
-        fn: Callable[..., object],
-        args: dict[str, object],
-        chain: str | None,
-    ) -> Response:
-        """Run again where this node has just become master (the forwarder found it so)."""
-        try:
-            return self._run(module, function, fn, args, chain)
-        except SafeNotMasterError as e:
-            return error_response(503, "NotMaster", describe(e))
+            again = functools.partial(self._run, module, function, fn, args, chain)
+            return self._forward(e, call, functools.partial(_run_here, again))
 
     def _run(
         self,
@@ -288,6 +276,14 @@ class Application:
             )
             return error_response(500, type(e).__name__, message)
         return _answer(module, function, result)
+
+
+def _run_here(run: Callable[[], Response]) -> Response:
+    """Run a call again where this node has just become master (the forwarder found it so)."""
+    try:
+        return run()
+    except SafeNotMasterError as e:
+        return error_response(503, "NotMaster", describe(e))
 
 
 def _answer(module: str, function: str, result: object) -> Response:

@@ -25,7 +25,7 @@ import signal
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from .worker import EXIT_BOOT_FAILED, EXIT_NEEDS_RECOVERY
+from .child import EXIT_BOOT_FAILED, EXIT_NEEDS_RECOVERY
 
 __all__ = [
     "BACKOFF_FIRST",

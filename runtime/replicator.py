@@ -41,12 +41,11 @@ from typing import Any
 
 from pmnc.safe import Replication, Safe, SafeError, is_safe
 
-from . import logs, status
+from . import child, logs, status
 from .calls import master_route
 from .config import CageConfig, NodeConfig
 from .group import node_of_site, safe_replication
 from .logs import logger
-from .worker import EXIT_NEEDS_RECOVERY, beat_interval
 
 __all__ = ["ReplicatorSpec", "run"]
 
@@ -73,15 +72,8 @@ class ReplicatorSpec:
 
 
 def run(spec: ReplicatorSpec) -> None:
-    """The child's entry point: never returns into the parent's frames."""
-    code = EXIT_NEEDS_RECOVERY
-    try:
-        code = _Replicator(spec).run()
-    except BaseException:  # noqa: BLE001 - logged, then the unclean exit code below
-        with contextlib.suppress(BaseException):
-            logger.exception("replication process failed")
-    finally:
-        os._exit(code)
+    """The child's entry point (child.main: it never returns)."""
+    child.main(_Replicator(spec).run, "replication process")
 
 
 class _Replicator:
@@ -90,19 +82,11 @@ class _Replicator:
         self.cfg = spec.config
         self.ppid = os.getppid()
         self.signals: SimpleQueue[int] = SimpleQueue()
+        self.pipe = child.Pipe(spec.report_fd)
         self.safes: list[Safe] = []
-        self._report_lock = threading.Lock()
 
     def run(self) -> int:
-        signal.set_wakeup_fd(-1)
-        for fd in self.spec.inherited_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        os.set_blocking(self.spec.report_fd, False)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, lambda signum, _frame: self.signals.put_nowait(signum))
+        child.reset_after_fork(self.spec.report_fd, self.spec.inherited_fds, self.signals)
         logs.configure(f"{self.cfg.node}/{self.spec.cage.name}/replication")
         opening = threading.Event()
         beats = threading.Thread(target=self._beat_while, args=(opening,), daemon=True)
@@ -113,7 +97,7 @@ class _Replicator:
             self._await_roles()
         except SafeError as e:
             logger.error("cannot join the group: %s", e)
-            return 0 if self._close() else EXIT_NEEDS_RECOVERY
+            return 0 if child.close_safes(self.safes) else child.EXIT_NEEDS_RECOVERY
         finally:
             opening.set()
             beats.join()
@@ -122,7 +106,7 @@ class _Replicator:
             for module, safe in zip(self.spec.modules, self.safes, strict=True)
         )
         logger.info("replicating: %s (in %.3f s)", roles or "-", time.monotonic() - started)
-        self._report("ready")
+        self.pipe.send("ready")
         stopped = threading.Event()
         poller = threading.Thread(target=self._poll_lag, args=(stopped,), daemon=True)
         poller.start()
@@ -131,7 +115,7 @@ class _Replicator:
         finally:
             stopped.set()
             poller.join(LAG_POLL_TIMEOUT_S * 3)  # at most one request in flight
-        return 0 if self._close() else EXIT_NEEDS_RECOVERY
+        return 0 if child.close_safes(self.safes) else child.EXIT_NEEDS_RECOVERY
 
     def _open(self) -> None:
         for module in self.spec.modules:
@@ -189,16 +173,16 @@ class _Replicator:
             time.sleep(0.05)
 
     def _beat_while(self, done: threading.Event) -> None:
-        interval = beat_interval(self.cfg.heartbeat_timeout)
+        interval = child.beat_interval(self.cfg.heartbeat_timeout)
         while not done.wait(interval):
-            self._report("beat")
+            self.pipe.send("beat")
 
     def _until_stopped(self) -> None:
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
-        interval = beat_interval(self.cfg.heartbeat_timeout)
+        interval = child.beat_interval(self.cfg.heartbeat_timeout)
         while True:
             select.select([wake_r], [], [], interval)
             with contextlib.suppress(BlockingIOError):
@@ -206,7 +190,7 @@ class _Replicator:
             if not self.signals.empty():
                 logger.info("stopping")
                 return
-            if os.getppid() != self.ppid or not self._report("beat"):
+            if os.getppid() != self.ppid or not self.pipe.send("beat"):
                 logger.warning("the supervisor is gone: stopping")
                 return
 
@@ -296,23 +280,3 @@ class _Replicator:
         if response.status != 200 or not isinstance(document, dict):
             return None
         return document if document.get("node") == node else None
-
-    def _report(self, message: str) -> bool:
-        with self._report_lock:
-            try:
-                os.write(self.spec.report_fd, message.encode() + b"\n")
-            except BlockingIOError:
-                return True
-            except OSError:
-                return False
-            return True
-
-    def _close(self) -> bool:
-        ok = True
-        for safe in self.safes:
-            try:
-                safe.close()
-            except SafeError as e:
-                logger.error("closing %s: %s", safe.path, e)
-                ok = False
-        return ok

@@ -142,16 +142,6 @@ def _clear_reports(directory: Path) -> None:
             path.unlink()
 
 
-def _check_single_threaded() -> None:
-    """Never fork a threaded process: a lock held by another thread at fork time stays locked
-    forever in the child. An explicit check, not an assert (stripped under -O)."""
-    threads = threading.active_count()
-    if threads != 1:
-        raise RuntimeError(
-            f"the supervisor must stay single-threaded to fork workers: {threads} threads"
-        )
-
-
 class Supervisor:
     """Runs a node until it is stopped; `run()` returns the process's exit status."""
 
@@ -534,30 +524,56 @@ class Supervisor:
             self._spawn(cage, slot)
 
     def _spawn(self, cage: _Cage, slot: int) -> None:
-        _check_single_threaded()
         config = self._reload.config if self._reload and cage in self._reload.cages.values() else (
             self.config
         )  # fmt: skip
+
+        def spec(report_w: int, inherited: tuple[int, ...]) -> worker.WorkerSpec:
+            return worker.WorkerSpec(
+                config=config,
+                cage=cage.config,
+                modules=cage.modules,
+                listener=cage.listener,
+                report_fd=report_w,
+                inherited_fds=inherited,
+                slot=slot,
+                balance=cage.balance,
+            )
+
+        process, report_r = self._fork(worker.run, spec, f"pmnc-{cage.name}", keep=cage.listener)
+        self._workers[process.pid] = _Child(
+            process.pid, cage, process, report_r, time.monotonic(), slot, time.time()
+        )
+        self._status_dirty = True
+
+    def _fork(
+        self,
+        target: Callable[[Any], None],
+        spec: Callable[[int, tuple[int, ...]], Any],
+        name: str,
+        *,
+        keep: socket.socket | None = None,
+    ) -> tuple[Any, int]:
+        """Fork a child running `target(spec(report_w, inherited))`: (its Process, the read end
+        of its report pipe). It closes every descriptor of the supervisor's but its own pipe
+        and `keep` (its cage's listening socket)."""
+        # Never fork a threaded process: a lock held by another thread at fork time stays
+        # locked forever in the child. An explicit check, not an assert (stripped under -O).
+        threads = threading.active_count()
+        if threads != 1:
+            raise RuntimeError(
+                f"the supervisor must stay single-threaded to fork workers: {threads} threads"
+            )
         report_r, report_w = os.pipe()
         os.set_blocking(report_r, False)
         listeners = {c.listener for c in self._generations() if c.listener is not None}
         inherited = [self._sig_r, self._sig_w, report_r]
-        inherited += [w.report_fd for w in self._workers.values()]
-        inherited += [s.fileno() for s in listeners if s is not cage.listener]
-        spec = worker.WorkerSpec(
-            config=config,
-            cage=cage.config,
-            modules=cage.modules,
-            listener=cage.listener,
-            report_fd=report_w,
-            inherited_fds=tuple(inherited),
-            slot=slot,
-            balance=cage.balance,
-        )
+        inherited += [c.report_fd for c in [*self._workers.values(), *self._replicators.values()]]
+        inherited += [s.fileno() for s in listeners if s is not keep]
         sys.stdout.flush()
         sys.stderr.flush()
         process = self._ctx.Process(
-            target=worker.run, args=(spec,), name=f"pmnc-{cage.name}", daemon=False
+            target=target, args=(spec(report_w, tuple(inherited)),), name=name, daemon=False
         )
         try:
             process.start()
@@ -571,10 +587,7 @@ class Supervisor:
         # working (tests/integration/test_runtime_crash.py), and an AttributeError at the first
         # fork says so if the attribute is renamed.
         multiprocess.process._children.discard(process)
-        self._workers[process.pid] = _Child(
-            process.pid, cage, process, report_r, time.monotonic(), slot, time.time()
-        )
-        self._status_dirty = True
+        return process, report_r
 
     # -- replication processes (a replicated node) ----------------------------------------------
 
@@ -582,30 +595,16 @@ class Supervisor:
         return next((r for r in self._replicators.values() if r.cage.name == cage), None)
 
     def _spawn_replicator(self, cage: _Cage) -> None:
-        _check_single_threaded()
-        report_r, report_w = os.pipe()
-        os.set_blocking(report_r, False)
-        listeners = {c.listener for c in self._generations() if c.listener is not None}
-        inherited = [self._sig_r, self._sig_w, report_r]
-        inherited += [w.report_fd for w in [*self._workers.values(), *self._replicators.values()]]
-        inherited += [s.fileno() for s in listeners]
-        spec = replicator.ReplicatorSpec(
-            config=self.config,
-            cage=cage.config,
-            modules=cage.modules,
-            report_fd=report_w,
-            inherited_fds=tuple(inherited),
-        )
-        sys.stdout.flush()
-        sys.stderr.flush()
-        process = self._ctx.Process(
-            target=replicator.run, args=(spec,), name=f"pmnc-{cage.name}-rep", daemon=False
-        )
-        try:
-            process.start()
-        finally:
-            os.close(report_w)
-        multiprocess.process._children.discard(process)  # reaped here: see _spawn
+        def spec(report_w: int, inherited: tuple[int, ...]) -> replicator.ReplicatorSpec:
+            return replicator.ReplicatorSpec(
+                config=self.config,
+                cage=cage.config,
+                modules=cage.modules,
+                report_fd=report_w,
+                inherited_fds=inherited,
+            )
+
+        process, report_r = self._fork(replicator.run, spec, f"pmnc-{cage.name}-rep")
         self._replicators[process.pid] = _Child(
             process.pid, cage, process, report_r, time.monotonic(), -1, time.time(),
             replicator=True,

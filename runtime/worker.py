@@ -6,14 +6,15 @@
     -> report "ready" -> heartbeat until SIGTERM or the supervisor is gone
     -> stop accepting, finish requests in flight within graceful_timeout, close every safe, exit 0
 
-Exit codes tell the supervisor what to do: 0 a clean exit (every safe closed); EXIT_BOOT_FAILED
-a module or safe that cannot be loaded (the safes are closed; restarting would only fail again);
-EXIT_NEEDS_RECOVERY a worker that left without closing its safes (a safe panicked, or requests
-were still running at the deadline): like a crash, its cage must be recovered.
+Exit codes (runtime/child.py) tell the supervisor what to do: 0 a clean exit (every safe
+closed); child.EXIT_BOOT_FAILED a module or safe that cannot be loaded (the safes are closed;
+restarting would only fail again); child.EXIT_NEEDS_RECOVERY a worker that left without closing its
+safes (a safe panicked, or requests were still running at the deadline): like a crash, its cage
+must be recovered.
 
 The worker talks to the supervisor over one pipe, one line per message: `ready`, `beat`,
 `leaving` before it stops by itself (cut off from its group: `_cut_off_from_group`), and
-`boot-error <why>` before an EXIT_BOOT_FAILED exit. Its live figures (requests, safe stats) go
+`boot-error <why>` before an child.EXIT_BOOT_FAILED exit. Its live figures (requests, safe stats) go
 to a file its main thread rewrites about once a second next to the heartbeat (see `status.py`),
 which every worker of the cage reads to answer `GET /_status`.
 """
@@ -34,7 +35,7 @@ from queue import SimpleQueue
 
 from pmnc.safe import Safe, SafeError, SafeNeedsRecoveryError
 
-from . import group, logs, metrics, status
+from . import child, group, logs, metrics, status
 from .app import Application, Response
 from .balance import Balance
 from .calls import Calls
@@ -43,10 +44,8 @@ from .logs import logger
 from .modules import AppModule, ModuleLoadError, load_module
 from .server import Limits, Server
 
-__all__ = ["EXIT_BOOT_FAILED", "EXIT_NEEDS_RECOVERY", "WorkerSpec", "run"]
+__all__ = ["WorkerSpec", "run"]
 
-EXIT_BOOT_FAILED = 78  # EX_CONFIG
-EXIT_NEEDS_RECOVERY = 75  # EX_TEMPFAIL
 RECONNECT_AFTER_S = 3.0  # see _Worker._cut_off_from_group
 
 
@@ -64,24 +63,9 @@ class WorkerSpec:
     balance: Balance | None = None  # connections held per slot, shared by the cage's workers
 
 
-def beat_interval(heartbeat_timeout: float) -> float:
-    """How often a worker proves it is alive: several beats fit in one timeout."""
-    return min(1.0, max(0.05, heartbeat_timeout / 5))
-
-
 def run(spec: WorkerSpec) -> None:
-    """The child's entry point: never returns into the parent's frames (popen_fork's rule)."""
-    code = EXIT_NEEDS_RECOVERY  # whatever escapes below left the safes in an unknown state
-    try:
-        code = _Worker(spec).run()
-    except BaseException:  # noqa: BLE001 - logged, then the unclean exit code below
-        with contextlib.suppress(BaseException):
-            logger.exception("worker failed")
-    finally:
-        # Never run interpreter shutdown here: its GC would close handles inherited from the
-        # supervisor, which panics Berkeley DB environments (docs/berkeleydb.md, "Handles
-        # across fork()").
-        os._exit(code)
+    """The child's entry point (child.main: it never returns)."""
+    child.main(_Worker(spec).run, "worker")
 
 
 class _Worker:
@@ -90,23 +74,28 @@ class _Worker:
         self.cfg = spec.config
         self.ppid = os.getppid()
         self.signals: SimpleQueue[int] = SimpleQueue()
+        self.pipe = child.Pipe(spec.report_fd)
         self.safes: list[Safe] = []
         self.reporter: status.Reporter | None = None
         self.report_failing = False
 
     def run(self) -> int:
-        self._reset_process_state()
+        child.reset_after_fork(self.spec.report_fd, self.spec.inherited_fds, self.signals)
         logs.configure(f"{self.cfg.node}/{self.spec.cage.name}")
         booting = time.monotonic()
         try:
             modules = self._boot()
         except SafeNeedsRecoveryError as e:
             logger.error("cannot open a safe: %s", e)
-            return EXIT_NEEDS_RECOVERY  # without closing anything: the supervisor recovers
+            return child.EXIT_NEEDS_RECOVERY  # without closing anything: the supervisor recovers
         except (ModuleLoadError, SafeError, OSError) as e:
             logger.error("cannot boot: %s", e, exc_info=isinstance(e, ModuleLoadError))
-            self._report(f"boot-error {e}".replace("\n", " "))
-            return EXIT_BOOT_FAILED if self._close_safes() else EXIT_NEEDS_RECOVERY
+            self.pipe.send(f"boot-error {e}".replace("\n", " "))
+            return (
+                child.EXIT_BOOT_FAILED
+                if child.close_safes(self.safes)
+                else child.EXIT_NEEDS_RECOVERY
+            )
         requests = metrics.RequestMetrics()
         directory = status.run_dir(self.cfg, self.spec.cage.name)
         server = None
@@ -122,7 +111,7 @@ class _Worker:
                     request_timeout=self.cfg.request_timeout,
                     max_connections=self.cfg.max_connections,
                 ),
-                on_fatal=lambda: os._exit(EXIT_NEEDS_RECOVERY),
+                on_fatal=lambda: os._exit(child.EXIT_NEEDS_RECOVERY),
                 metrics=requests,
                 routes={
                     status.STATUS_PATH: lambda: _json(
@@ -147,7 +136,7 @@ class _Worker:
         if server is not None:
             server.start()
         self._publish()
-        self._report("ready")
+        self.pipe.send("ready")
         logger.info(
             "serving: %d module(s) ready in %.3f s", len(modules), time.monotonic() - booting
         )
@@ -162,23 +151,10 @@ class _Worker:
                     busy,
                     self.cfg.graceful_timeout,
                 )
-                return EXIT_NEEDS_RECOVERY
+                return child.EXIT_NEEDS_RECOVERY
         else:
             reporter.leave()  # for the supervisor to fold into the cage's totals (metrics.py)
-        return 0 if self._close_safes() else EXIT_NEEDS_RECOVERY
-
-    def _reset_process_state(self) -> None:
-        """Undo what fork copied from the supervisor: its signal set-up and descriptors."""
-        signal.set_wakeup_fd(-1)
-        for fd in self.spec.inherited_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        os.set_blocking(self.spec.report_fd, False)  # a beat is dropped rather than block
-        # Ctrl-C and a terminal hang-up reach the whole process group: the supervisor decides.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, lambda signum, _frame: self.signals.put_nowait(signum))
+        return 0 if child.close_safes(self.safes) else child.EXIT_NEEDS_RECOVERY
 
     def _boot(self) -> dict[str, AppModule]:
         modules: dict[str, AppModule] = {}
@@ -213,7 +189,7 @@ class _Worker:
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)  # a signal wakes the select() below at once
-        interval = beat_interval(self.cfg.heartbeat_timeout)
+        interval = child.beat_interval(self.cfg.heartbeat_timeout)
         while True:
             select.select([wake_r], [], [], interval)
             with contextlib.suppress(BlockingIOError):
@@ -221,7 +197,7 @@ class _Worker:
             if not self.signals.empty():
                 logger.info("stopping: finishing requests in flight")
                 return
-            if os.getppid() != self.ppid or not self._report("beat"):
+            if os.getppid() != self.ppid or not self.pipe.send("beat"):
                 logger.warning("the supervisor is gone: stopping")
                 return
             if self.reporter is not None and self.reporter.due():
@@ -229,7 +205,7 @@ class _Worker:
             if self._cut_off_from_group():
                 # Told first, so that the supervisor starts the replacement at once and does
                 # not take the silence of this worker's graceful stop for a hang.
-                self._report("leaving")
+                self.pipe.send("leaving")
                 return
 
     def _cut_off_from_group(self) -> bool:
@@ -264,34 +240,15 @@ class _Worker:
             self.reporter.publish()
         except SafeNeedsRecoveryError as e:
             logger.error("reading a safe's stats: %s", e)
-            os._exit(EXIT_NEEDS_RECOVERY)  # the rule for a panicked safe: leave, touch nothing
+            os._exit(
+                child.EXIT_NEEDS_RECOVERY
+            )  # the rule for a panicked safe: leave, touch nothing
         except (SafeError, OSError) as e:
             if not self.report_failing:  # once per run of failures, not once a second
                 logger.warning("cannot write the status report %s: %s", self.reporter.path, e)
             self.report_failing = True
         else:
             self.report_failing = False
-
-    def _report(self, message: str) -> bool:
-        """Send one line to the supervisor; False if it is gone."""
-        try:
-            os.write(self.spec.report_fd, message.encode()[:4000] + b"\n")
-        except BlockingIOError:
-            return True  # the supervisor is behind; a missed beat is fine
-        except OSError:
-            return False
-        return True
-
-    def _close_safes(self) -> bool:
-        """Close every safe; False if one failed (the supervisor must then recover)."""
-        ok = True
-        for safe in self.safes:
-            try:
-                safe.close()
-            except SafeError as e:
-                logger.error("closing %s: %s", safe.path, e)
-                ok = False
-        return ok
 
 
 def _json(document: object) -> Response:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pmnc.runtime import policy, supervisor, worker
+from pmnc.runtime import child, policy, supervisor
 from pmnc.runtime.balance import Balance
 from pmnc.runtime.config import load_config
 from pmnc.runtime.supervisor import Supervisor, _Cage, _Child, _Reload
@@ -83,8 +83,8 @@ def test_free_slots_refills_the_missing_ones_only() -> None:
     [
         (0, True, policy.Exit.STOPPED),
         (0, False, policy.Exit.REPLACE),
-        (worker.EXIT_BOOT_FAILED, False, policy.Exit.BOOT_FAILED),
-        (worker.EXIT_NEEDS_RECOVERY, True, policy.Exit.CRASH),
+        (child.EXIT_BOOT_FAILED, False, policy.Exit.BOOT_FAILED),
+        (child.EXIT_NEEDS_RECOVERY, True, policy.Exit.CRASH),
         (-signal.SIGKILL, False, policy.Exit.CRASH),
         (1, True, policy.Exit.CRASH),
     ],
@@ -97,7 +97,7 @@ def test_describe_exit_says_why() -> None:
     assert policy.describe_exit(-signal.SIGKILL, None) == "killed by SIGKILL: out of memory?"
     assert policy.describe_exit(-signal.SIGKILL, "hung") == "killed by SIGKILL (hung)"
     assert policy.describe_exit(-200, None) == "killed by signal 200"
-    assert policy.describe_exit(worker.EXIT_BOOT_FAILED, None) == "could not boot"
+    assert policy.describe_exit(child.EXIT_BOOT_FAILED, None) == "could not boot"
     assert policy.describe_exit(7, None) == "exited with status 7"
 
 
@@ -227,7 +227,7 @@ def test_boot_failure_of_the_running_config_stops_the_node(tmp_path: Path, fakes
     sup, cage = _supervisor(tmp_path, workers=2)
     _child(sup, cage, 301, 0)
     _child(sup, cage, 302, 1)
-    sup._on_exit(301, worker.EXIT_BOOT_FAILED)
+    sup._on_exit(301, child.EXIT_BOOT_FAILED)
     assert sup._stopping and sup._exit_code == supervisor.EXIT_FAILED
     assert fakes.signals == [(302, signal.SIGTERM)]  # the others stop gracefully
     assert fakes.prepared == []
@@ -249,7 +249,7 @@ def test_boot_failure_during_a_reload_refuses_it_and_keeps_serving(
 ) -> None:
     sup, old = _reloading(tmp_path, 401, 402, 403)
 
-    sup._on_exit(402, worker.EXIT_BOOT_FAILED)
+    sup._on_exit(402, child.EXIT_BOOT_FAILED)
 
     assert not sup._stopping
     assert sup._reload is None
