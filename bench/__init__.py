@@ -14,4 +14,10 @@ The HTTP part (`--http`, or `--http-only` for it alone): `http` starts pmnc-runt
 gunicorn's gthread worker (`wsgi`: the same example modules as a WSGI app) at the same workers
 x threads, loads each with wrk (`wrk`: a generated Lua script, results as JSON), and measures a
 fresh client while `hostile` holds idle keep-alive and slow-head connections open.
+
+    ./dev bench footprint | queues | replication [OPTIONS]
+
+Separate benchmarks with their own options (`--help`): `footprint` (disk per payload byte),
+`queues` (durable queues and expiry), `replication` (durable writes/s over HTTP against one
+node and against a 3-node group per ack policy, failover after kill -9 of the master's node).
 """

@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import queues  # noqa: PLC0415
 
         return queues.main(argv[1:])
+    if argv[:1] == ["replication"]:  # replicated node groups: bench/replication.py
+        from bench import replication  # noqa: PLC0415
+
+        return replication.main(argv[1:])
     args = parse_args(argv)
     started = datetime.datetime.now(datetime.UTC)
     load_start = report.loadavg()
