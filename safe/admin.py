@@ -22,10 +22,10 @@ from .env import (
     Options,
     _checkpoint_fully,
     _close_env,
-    _key,
     _open_db,
     _open_env,
     acquire,
+    canonical,
     is_open_here,
     release,
     translate,
@@ -84,17 +84,17 @@ def prepare(path: str | os.PathLike[str], *, cache_size: int, min_free_space: in
     deadlock detector), creates the database, checkpoints, and closes every handle, so nothing
     crosses the fork. No thread is started.
     """
-    key = _key(path)
-    if is_open_here(key):
+    home = canonical(path)
+    if is_open_here(home):
         raise SafeBusyError(
-            key, "prepare", "this process has the safe open", "close it first, then prepare"
+            home, "prepare", "this process has the safe open", "close it first, then prepare"
         )
     started = time.monotonic()
-    _check_directory(key, create=True)
+    _check_directory(home, create=True)
     with _environment(
-        key, "prepare", cache_size=cache_size, recover=db.DB_RECOVER, min_free_space=min_free_space
+        home, "prepare", cache_size=cache_size, recover=db.DB_RECOVER, min_free_space=min_free_space
     ) as env:
-        _open_db(key, env, create=True).close()
+        _open_db(home, env, create=True).close()
         _checkpoint_fully(env)
     return time.monotonic() - started
 
@@ -105,37 +105,37 @@ def users(path: str | os.PathLike[str]) -> list[int]:
     Opening and closing __db.register drops this process's own registration (fcntl semantics),
     so a process that has the safe open answers from its registry instead of touching the file.
     """
-    key = _key(path)
-    if is_open_here(key):
+    home = canonical(path)
+    if is_open_here(home):
         return [os.getpid()]
     try:
-        return holders(key)
+        return holders(home)
     except PermissionError as e:
-        raise translate(key, "list its users", e) from e
+        raise translate(home, "list its users", e) from e
 
 
 def recover(path: str | os.PathLike[str], *, catastrophic: bool = False) -> float:
     """Run recovery on a safe that no process is using; SafeBusyError naming the users otherwise."""
-    key = _key(path)
-    if not (key / DB_FILE).exists():
-        raise SafeError(key, "recover", "no such safe", "check the path")
-    pids = users(key)
+    home = canonical(path)
+    if not (home / DB_FILE).exists():
+        raise SafeError(home, "recover", "no such safe", "check the path")
+    pids = users(home)
     if pids:
         raise SafeBusyError(
-            key,
+            home,
             "recover",
             f"in use by pid {', '.join(map(str, pids))}",
             "stop those processes first",
         )
-    with _exclusively(key, "recover"):
-        return _recover_unused(key, catastrophic=catastrophic)
+    with _exclusively(home, "recover"):
+        return _recover_unused(home, catastrophic=catastrophic)
 
 
-def _recover_unused(key: Path, *, catastrophic: bool) -> float:
+def _recover_unused(home: Path, *, catastrophic: bool) -> float:
     started = time.monotonic()
     # Without DB_REGISTER, recovery always runs (with it, it is skipped when nobody died).
     with _environment(
-        key,
+        home,
         "recover",
         cache_size=RECOVERY_CACHE_SIZE,
         recover=db.DB_RECOVER_FATAL if catastrophic else db.DB_RECOVER,
@@ -152,45 +152,45 @@ def verify(path: str | os.PathLike[str]) -> None:
     Berkeley DB's verify reads the file outside the environment, so it is only run on a safe
     that no process is using (SafeBusyError otherwise).
     """
-    key = _key(path)
-    if not (key / DB_FILE).exists():
-        raise SafeError(key, "verify", "no such safe", "check the path")
-    pids = users(key)
+    home = canonical(path)
+    if not (home / DB_FILE).exists():
+        raise SafeError(home, "verify", "no such safe", "check the path")
+    pids = users(home)
     if pids:
         raise SafeBusyError(
-            key, "verify", f"in use by pid {', '.join(map(str, pids))}", "stop those processes"
+            home, "verify", f"in use by pid {', '.join(map(str, pids))}", "stop those processes"
         )
-    with _exclusively(key, "verify"):
-        _verify_file(key)
+    with _exclusively(home, "verify"):
+        _verify_file(home)
 
 
-def _verify_file(key: Path, todo: str = "restore it from a backup") -> None:
+def _verify_file(home: Path, todo: str = "restore it from a backup") -> None:
     for name in (DB_FILE, AUX_FILE):
-        if name != DB_FILE and not (key / name).exists():
+        if name != DB_FILE and not (home / name).exists():
             continue
         handle = db.DB()
         try:
-            handle.verify(str(key / name))
+            handle.verify(str(home / name))
         except db.DBError as e:
-            raise SafeCorruptError(key, "verify", f"{name} failed verification: {e}", todo) from e
+            raise SafeCorruptError(home, "verify", f"{name} failed verification: {e}", todo) from e
 
 
 # -- backup and restore ---------------------------------------------------------------------------
 
 
-def _check_backup_dir(key: Path) -> None:
+def _check_backup_dir(home: Path) -> None:
     """A consistent copy (data file and logs) that catastrophic recovery brings up to date."""
-    if not (key / DB_FILE).exists() or not list(key.glob("log.*")):
+    if not (home / DB_FILE).exists() or not list(home.glob("log.*")):
         raise SafeError(
-            key, "read the backup", f"no {DB_FILE} and log files here", "give a backup directory"
+            home, "read the backup", f"no {DB_FILE} and log files here", "give a backup directory"
         )
 
 
-def _recover_copy(key: Path) -> int:
+def _recover_copy(home: Path) -> int:
     """Catastrophic recovery on a private copy (no other process sees it), then count and
     verify its records; the copy is left as plain files (regions removed)."""
     with _environment(
-        key,
+        home,
         "recover the copy",
         cache_size=RECOVERY_CACHE_SIZE,
         recover=db.DB_RECOVER_FATAL,
@@ -203,8 +203,8 @@ def _recover_copy(key: Path) -> int:
         handle.close()
         _checkpoint_fully(env)
     with contextlib.suppress(db.DBError):
-        db.DBEnv().remove(str(key))
-    _verify_file(key, "take the backup again")
+        db.DBEnv().remove(str(home))
+    _verify_file(home, "take the backup again")
     return count
 
 
@@ -216,9 +216,9 @@ def backup(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
     verified and counted: the number of keys is returned, and a backup that would not restore
     raises instead.
     """
-    key, target = _key(path), _key(dest)
-    if not (key / DB_FILE).exists():
-        raise SafeError(key, "back up", "no such safe", "check the path")
+    home, target = canonical(path), canonical(dest)
+    if not (home / DB_FILE).exists():
+        raise SafeError(home, "back up", "no such safe", "check the path")
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise SafeError(
             target,
@@ -228,7 +228,7 @@ def backup(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
         )
     needed = sum(
         p.stat().st_size
-        for p in key.iterdir()
+        for p in home.iterdir()
         if p.name in (DB_FILE, AUX_FILE) or p.name[:4] == "log."
     )
     if os.path.exists(target.parent):
@@ -242,7 +242,7 @@ def backup(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
     except OSError as e:
         raise translate(target, "back up", e) from e
     environment = acquire(
-        key,
+        home,
         cache_size=8 << 20,
         checkpoint_interval=60,
         recover=False,
@@ -273,41 +273,41 @@ def restore(backup_dir: str | os.PathLike[str], path: str | os.PathLike[str]) ->
     The backup is copied beside the target, recovered and verified there, and only then swapped
     in, so a failure leaves the old safe as it was. Returns the number of keys restored.
     """
-    source, key = _key(backup_dir), _key(path)
+    source, home = canonical(backup_dir), canonical(path)
     _check_backup_dir(source)
-    if key.exists() and not key.is_dir():
-        raise SafeError(key, "restore", "the path exists and is not a directory", "give a safe")
-    if key.exists() and any(key.iterdir()) and not (key / DB_FILE).exists():
+    if home.exists() and not home.is_dir():
+        raise SafeError(home, "restore", "the path exists and is not a directory", "give a safe")
+    if home.exists() and any(home.iterdir()) and not (home / DB_FILE).exists():
         raise SafeError(
-            key,
+            home,
             "restore",
             "the directory is not empty and is not a safe",
             "restore onto a safe, a new path or an empty directory",
         )
     lock: int | None = None
-    if key.exists():
-        pids = users(key)
+    if home.exists():
+        pids = users(home)
         if pids:
             raise SafeBusyError(
-                key, "restore", f"in use by pid {', '.join(map(str, pids))}", "stop them first"
+                home, "restore", f"in use by pid {', '.join(map(str, pids))}", "stop them first"
             )
         # Held until the swap is done: nobody can open the old safe meanwhile and write into
         # what is about to be deleted.
-        lock = _lock_directory(key, "restore", exclusive=True)
-    staging = key.parent / f".{key.name}.restore-{os.getpid()}"
-    _make_private_dirs(key.parent)
+        lock = _lock_directory(home, "restore", exclusive=True)
+    staging = home.parent / f".{home.name}.restore-{os.getpid()}"
+    _make_private_dirs(home.parent)
     _remove_tree(staging)
     try:
         _copy_files(source, staging)
         count = _recover_copy(staging)
         _make_private(staging)
-        if key.exists():
-            old = key.parent / f".{key.name}.old-{os.getpid()}"
-            os.rename(key, old)
-            os.rename(staging, key)
+        if home.exists():
+            old = home.parent / f".{home.name}.old-{os.getpid()}"
+            os.rename(home, old)
+            os.rename(staging, home)
             _remove_tree(old)
         else:
-            os.rename(staging, key)
+            os.rename(staging, home)
         return count
     finally:
         _remove_tree(staging)

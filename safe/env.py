@@ -1165,9 +1165,10 @@ _fork_generation = 0
 _registry_lock = threading.Lock()
 
 
-def _key(path: str | os.PathLike[str]) -> Path:
-    """One key per directory, however it is named: a second name (a symlink) for a safe that
-    is open here must not open a second DBEnv, nor make `users` close __db.register."""
+def canonical(path: str | os.PathLike[str]) -> Path:
+    """One name per safe directory (its environment's home), however it is given: a second
+    name (a symlink) for a safe that is open here must not open a second DBEnv, nor make
+    `users` close __db.register."""
     return Path(os.path.realpath(os.fspath(path)))
 
 
@@ -1182,12 +1183,12 @@ def acquire(
     replication: Replication | None = None,
 ) -> Environment:
     """This process's environment for `path`, opened on first use and counted per user."""
-    key = _key(path)
+    home = canonical(path)
     with _registry_lock:
-        env = _registry.get(key)
+        env = _registry.get(home)
         if env is not None and env.panicked:
             raise SafeNeedsRecoveryError(
-                key,
+                home,
                 "open",
                 "this process already holds a panicked handle on it",
                 "exit this process; under pmnc-runtime the supervisor recovers the safe",
@@ -1196,12 +1197,12 @@ def acquire(
             theirs = None if env.replicated is None else env.replicated.config
             if theirs != replication:
                 raise ValueError(
-                    f"{key}: already open in this process with replication={theirs!r}; "
+                    f"{home}: already open in this process with replication={theirs!r}; "
                     "every opening of a safe in one process must give the same"
                 )
         if env is None:
             env = Environment(
-                key,
+                home,
                 cache_size=cache_size,
                 checkpoint_interval=checkpoint_interval,
                 recover=recover,
@@ -1209,7 +1210,7 @@ def acquire(
                 min_free_space=min_free_space,
                 replication=replication,
             )
-            _registry[key] = env
+            _registry[home] = env
         env.refs += 1
         return env
 
@@ -1234,11 +1235,11 @@ def release(env: Environment) -> None:
             raise
 
 
-def is_open_here(key: Path) -> bool:
-    """Whether this process has the safe at `key` (a `_key`) open: safe/admin.py then leaves
-    the directory and its register alone."""
+def is_open_here(home: Path) -> bool:
+    """Whether this process has the safe at `home` (a `canonical` path) open: safe/admin.py
+    then leaves the directory and its register alone."""
     with _registry_lock:
-        return key in _registry
+        return home in _registry
 
 
 def _after_fork_in_child() -> None:
