@@ -31,11 +31,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from pmnc.safe import DEFAULT_CACHE_SIZE
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 __all__ = [
     "ACK_POLICIES",
+    "MAX_CACHE_SIZE",
     "MAX_REPLICATED_SAFES",
+    "MIN_CACHE_SIZE",
     "CageConfig",
     "ConfigError",
     "HttpAddress",
@@ -55,6 +58,12 @@ ACK_POLICIES = ("quorum", "all", "one", "none")
 # Each safe of a replicated node listens on its own port, `replication.address.port + i`: two
 # nodes on one machine whose addresses are 100 apart never collide, whatever their modules.
 MAX_REPLICATED_SAFES = 100
+# The node-level `cache_size` (bytes): each safe's cache maximum. 1 MiB holds only 32 of the
+# 32 KiB pages (docs/berkeleydb.md, "Page size and cache"); at 64 GiB the mutex region alone,
+# written whole when the regions are created (about 5 % of the maximum, docs/footprint.md), is
+# some 3 GiB per safe (extrapolated).
+MIN_CACHE_SIZE = 1 << 20
+MAX_CACHE_SIZE = 64 << 30
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NAME_EXPECTED = "a name of 1 to 64 characters from [A-Za-z0-9_-]"
@@ -214,6 +223,9 @@ class NodeConfig:
     keepalive_timeout: float = 5.0
     request_timeout: float = 30.0
     max_connections: int = 1024
+    # Every safe's Berkeley DB cache maximum, applied where its regions are created (a new safe,
+    # or one recovered after a crash): docs/berkeleydb.md "Region settings belong to the creator".
+    cache_size: int = DEFAULT_CACHE_SIZE
     replication: ReplicationConfig | None = None
     _origin: _Origin | None = field(default=None, compare=False, repr=False)
 
@@ -453,6 +465,7 @@ _NODE_KEYS = (
     "keepalive_timeout",
     "request_timeout",
     "max_connections",
+    "cache_size",
     "replication",
 )
 _CAGE_KEYS = ("name", "modules", "workers", "threads", "http")
@@ -587,6 +600,11 @@ def _read_node(reader: _Reader, root: Node, file: Path, base: Path) -> NodeConfi
         ("keepalive_timeout", "a number of seconds > 0 and <= 3600", _seconds(3600)),
         ("request_timeout", "a number of seconds > 0 and <= 3600", _seconds(3600)),
         ("max_connections", "a number of connections from 1 to 1000000", _integer(1, 1_000_000)),
+        (
+            "cache_size",
+            f"a number of bytes from {MIN_CACHE_SIZE} (1 MiB) to {MAX_CACHE_SIZE} (64 GiB)",
+            _integer(MIN_CACHE_SIZE, MAX_CACHE_SIZE),
+        ),
     ):
         got = reader.value(top, "", key, what, convert)
         if not isinstance(got, _Missing):

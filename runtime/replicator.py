@@ -130,6 +130,7 @@ class _Replicator:
                     path,
                     durable=self.cfg.durable,
                     checkpoint_interval=self.cfg.checkpoint_interval,
+                    cache_size=self.cfg.cache_size,
                     recover=True,
                     create=True,
                     replication=replication,

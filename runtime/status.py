@@ -416,6 +416,8 @@ def _aggregate_safe(name: str, reports: list[Mapping[str, Any]], now: float) -> 
         "last_checkpoint_age_s": round(max(0.0, now - checkpoint), 1) if checkpoint else None,
         "cache_hit_ratio": latest.get("cache_hit_ratio"),
         "region_bytes": latest.get("region_bytes"),
+        "cache_bytes": latest.get("cache_bytes"),  # the cache now, and at most (cache_size)
+        "cache_max_bytes": latest.get("cache_max_bytes"),
         "queues": {name: queues[name] for name in sorted(queues)},
     }
 

@@ -234,7 +234,7 @@ class Supervisor:
                 # A replicated safe is created or recovered by its cage's replication process
                 # (only the group's master may create it; replicator.py).
                 todo = [] if config.replication else [d for d in dirs if d not in in_use]
-                spent = sum(prepare(d) for d in todo)
+                spent = sum(prepare(d, cache_size=config.cache_size) for d in todo)
                 old = current.get(cage_cfg.name)
                 listener = None
                 if old is not None and old.config.http == cage_cfg.http:
@@ -446,7 +446,7 @@ class Supervisor:
         # is DB_REGISTER + DB_RECOVER, and only that process may open them first).
         todo = [] if self.config.replication else sorted(dirs)
         try:
-            spent = sum(prepare(d) for d in todo)
+            spent = sum(prepare(d, cache_size=self.config.cache_size) for d in todo)
         except SafeError as e:
             logger.error("cage %s: %s; recovery failed: %s: stopping the node", cage.name, what, e)
             self._begin_stop(EXIT_FAILED)
@@ -891,7 +891,7 @@ class Supervisor:
             dirs.clear()  # recovered by the next start's replication processes
         for d in sorted(dirs):
             try:
-                prepare(d)
+                prepare(d, cache_size=self.config.cache_size)
             except SafeError as e:
                 logger.error("recovering %s: %s", d, e)
         logger.warning("killed %d worker(s), recovered %d safe(s)", len(victims), len(dirs))

@@ -164,6 +164,7 @@ class _Worker:
                     self.cfg.safe_dir(self.spec.cage.name, name),
                     durable=self.cfg.durable,
                     checkpoint_interval=self.cfg.checkpoint_interval,
+                    cache_size=self.cfg.cache_size,
                     recover=False,
                     create=False,
                     replication=group.safe_replication(self.cfg, self.spec.cage.name, name),

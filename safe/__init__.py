@@ -35,6 +35,7 @@ from .store import DEFAULT_CACHE_SIZE, DEFAULT_MIN_FREE_SPACE, Safe
 
 __all__ = [
     "ACK_POLICIES",
+    "DEFAULT_CACHE_SIZE",
     "Delivery",
     "DiskUsage",
     "Queue",

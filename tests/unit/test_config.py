@@ -21,6 +21,7 @@ from pmnc.runtime.config import (
     load_config,
 )
 from pmnc.runtime.harness import free_port
+from pmnc.safe.store import DEFAULT_CACHE_SIZE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,7 +117,21 @@ def test_defaults(node_dir: Path) -> None:
     assert (cfg.graceful_timeout, cfg.checkpoint_interval, cfg.heartbeat_timeout) == (10, 30, 10)
     assert cfg.durable is True
     assert cfg.max_body == 1 << 20
+    assert cfg.cache_size == DEFAULT_CACHE_SIZE  # what every safe had before the key existed
     assert isinstance(cfg.graceful_timeout, float)
+
+
+@pytest.mark.parametrize("size", [1 << 20, 4 << 20, 64 << 30])
+def test_cache_size_bounds_are_accepted(node_dir: Path, size: int) -> None:
+    assert load_config(write(node_dir, f"cache_size: {size}\n" + MINIMAL)).cache_size == size
+
+
+def test_a_bad_cache_size_names_the_range(node_dir: Path) -> None:
+    path = write(node_dir, "cache_size: 1000\n" + MINIMAL.lstrip("\n"))
+    assert one_error(path) == (
+        f"{path}:1: cache_size: expected a number of bytes from 1048576 (1 MiB) to "
+        "68719476736 (64 GiB), got 1000 (an integer)"
+    )
 
 
 def test_frozen(node_dir: Path) -> None:
@@ -493,7 +508,7 @@ def test_unknown_top_level_key(node_dir: Path) -> None:
     assert one_error(path) == (
         f"{path}:1: datadir: expected one of node, data_dir, cages, graceful_timeout, "
         "checkpoint_interval, durable, max_body, heartbeat_timeout, keepalive_timeout, "
-        "request_timeout, max_connections, replication, got an unknown key; "
+        "request_timeout, max_connections, cache_size, replication, got an unknown key; "
         "did you mean 'data_dir'?"
     )
 
@@ -581,6 +596,12 @@ def test_bad_cage_values(node_dir: Path, key: str, value: str, expected: str, go
         ("max_body", "0", "0 (an integer)"),
         ("max_body", "1.5", "1.5 (a number)"),
         ("max_body", "1MB", "'1MB' (a string)"),
+        ("cache_size", "1048575", "1048575 (an integer)"),
+        ("cache_size", "68719476737", "68719476737 (an integer)"),
+        ("cache_size", "0", "0 (an integer)"),
+        ("cache_size", "true", "true (a boolean)"),
+        ("cache_size", "4194304.0", "4194304.0 (a number)"),
+        ("cache_size", "4MiB", "'4MiB' (a string)"),
     ],
 )
 def test_bad_node_values(node_dir: Path, key: str, value: str, got: str) -> None:

@@ -24,6 +24,7 @@ def test_every_key_survives_a_round_trip(tmp_path: Path) -> None:
         "keepalive_timeout: 2\n"
         "request_timeout: 9\n"
         "max_connections: 17\n"
+        "cache_size: 5242880\n"
         "cages:\n"
         "  - name: a\n    modules: modules\n    workers: 3\n    threads: 5\n"
         "    http: 127.0.0.1:18080\n"
@@ -46,6 +47,7 @@ def test_every_key_survives_a_round_trip(tmp_path: Path) -> None:
     assert again.cages[2].http == HttpAddress("::1", 18081)
     # Nothing is left at a default by omission: a changed default would not change the copy.
     assert "max_connections: 17" in copy.read_text()
+    assert again.cache_size == 5 << 20
     assert again.replication is not None and again.replication.peers[0].http["c"] == HttpAddress(
         "::1", 18081
     )
