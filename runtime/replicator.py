@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import Any
 
-from pmnc.safe import Replication, Safe, SafeError, is_safe
+from pmnc.safe import Replication, Safe, SafeError, SafeNotMasterError, is_safe
 
 from . import child, logs, status
 from .calls import master_route
@@ -58,6 +58,8 @@ LAG_POLL_S = 2.0
 LAG_POLL_TIMEOUT_S = 1.0
 # How long the look at a peer before creating a group may take (_join_if_the_group_runs).
 JOIN_PROBE_S = 1.0
+# Between two attempts to join a group that no site of answers yet (_open).
+JOIN_RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class _Replicator:
         self.signals: SimpleQueue[int] = SimpleQueue()
         self.pipe = child.Pipe(spec.report_fd)
         self.safes: list[Safe] = []
+        self._waiting = False  # "waiting for the group" was logged
 
     def run(self) -> int:
         child.reset_after_fork(self.spec.report_fd, self.spec.inherited_fds, self.signals)
@@ -93,10 +96,12 @@ class _Replicator:
         beats.start()
         started = time.monotonic()
         try:
-            self._open()
+            if not self._open():
+                logger.info("stopping before the group was joined")
+                return 0 if child.close_safes(self.safes) else child.EXIT_NEEDS_RECOVERY
             self._await_roles()
         except SafeError as e:
-            logger.error("cannot join the group: %s", e)
+            logger.error("cannot open the cage's safes: %s", e)
             return 0 if child.close_safes(self.safes) else child.EXIT_NEEDS_RECOVERY
         finally:
             opening.set()
@@ -117,25 +122,42 @@ class _Replicator:
             poller.join(LAG_POLL_TIMEOUT_S * 3)  # at most one request in flight
         return 0 if child.close_safes(self.safes) else child.EXIT_NEEDS_RECOVERY
 
-    def _open(self) -> None:
+    def _open(self) -> bool:
+        """Open every safe of the cage (False: asked to stop first). A safe whose group cannot
+        be joined yet (no site of it answers, or no master sends this site its copy) is
+        waited for, as long as it takes: the node serves this cage once its group is there
+        (README, "Replicated safes")."""
         for module in self.spec.modules:
-            if not self.signals.empty():
-                raise SafeError(self.cfg.data_dir, "start", "asked to stop")
-            path = self.cfg.safe_dir(self.spec.cage.name, module)
-            replication = safe_replication(self.cfg, self.spec.cage.name, module)
-            if replication is not None and replication.creator and not is_safe(path):
-                replication = self._join_if_the_group_runs(module, replication)
-            self.safes.append(
-                Safe.open(
-                    path,
-                    durable=self.cfg.durable,
-                    checkpoint_interval=self.cfg.checkpoint_interval,
-                    cache_size=self.cfg.cache_size,
-                    recover=True,
-                    create=True,
-                    replication=replication,
-                )
+            while True:
+                if not self.signals.empty():
+                    return False
+                try:
+                    self._open_one(module)
+                    break
+                except SafeNotMasterError as e:
+                    if not self._waiting:
+                        logger.warning("waiting for the group: %s", e)
+                        self._waiting = True
+                    time.sleep(JOIN_RETRY_S)
+        return True
+
+    def _open_one(self, module: str) -> None:
+        """Open one safe of the cage with its Replication (see _join_if_the_group_runs)."""
+        path = self.cfg.safe_dir(self.spec.cage.name, module)
+        replication = safe_replication(self.cfg, self.spec.cage.name, module)
+        if replication is not None and replication.creator and not is_safe(path):
+            replication = self._join_if_the_group_runs(module, replication)
+        self.safes.append(
+            Safe.open(
+                path,
+                durable=self.cfg.durable,
+                checkpoint_interval=self.cfg.checkpoint_interval,
+                cache_size=self.cfg.cache_size,
+                recover=True,
+                create=True,
+                replication=replication,
             )
+        )
 
     def _join_if_the_group_runs(self, module: str, replication: Replication) -> Replication:
         """This node would create the group of a safe it has no copy of. If a peer already

@@ -47,6 +47,7 @@ from .server import Limits, Server
 __all__ = ["WorkerSpec", "run"]
 
 RECONNECT_AFTER_S = 3.0  # see _Worker._cut_off_from_group
+CONNECT_WAIT_S = 5.0  # see _Worker._await_group_connections
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class _Worker:
                 slot=self.spec.slot,
             )
         connections = server.connections if server is not None else dict
+        self._await_group_connections()
         reporter = status.Reporter(
             directory,
             dict(zip(self.spec.modules, self.safes, strict=True)),
@@ -208,6 +210,24 @@ class _Worker:
                 # not take the silence of this worker's graceful stop for a hang.
                 self.pipe.send("leaving")
                 return
+
+    def _await_group_connections(self) -> None:
+        """On a replicated node, before serving: wait (at most CONNECT_WAIT_S) until this
+        worker has its own connection to every site its cage's replication process reaches.
+        A worker that served before would see its first writes on a master go unacknowledged
+        (safe/replication.py, `check_connections`); meanwhile the previous generation (a
+        reload) or the listen queue (a restart) holds the callers."""
+        if self.cfg.replication is None:
+            return
+        deadline = time.monotonic() + CONNECT_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                infos = [safe.replication() or {} for safe in self.safes]
+            except SafeError:
+                return
+            if all(not info.get("unconnected_s") for info in infos):
+                return
+            time.sleep(0.05)
 
     def _cut_off_from_group(self) -> bool:
         """Whether this worker should make way for a fresh one: one of its replicated safes

@@ -234,6 +234,13 @@ def _open_env(
             replicated.start(env)
     except (db.DBError, OSError) as e:
         _close_env(env, e)
+        if isinstance(e, db.DBRepUnavailError):
+            raise SafeNotMasterError(
+                path,
+                "open",
+                "no site of its group answered: there is no group to join yet",
+                "start the group's other nodes (the first one creates it); then open again",
+            ) from e
         raise translate(path, "open the environment", e) from e
     return env
 
@@ -320,7 +327,7 @@ def _open_replicated_db(path: Path, env: Any, replicated: Replicated, *, create:
             if not isinstance(e, _RETRYABLE + _REP_RETRYABLE):
                 raise translate(path, "open", e) from e
         if time.monotonic() > deadline:
-            raise SafeError(
+            raise SafeNotMasterError(
                 path,
                 "open",
                 f"no data from the group within {JOIN_TIMEOUT_S:g} s: this site has no copy yet "
@@ -590,8 +597,23 @@ class Environment:
         acknowledged (safe/replication.py, `check_connections`). Every write path calls this;
         reads do not wait."""
         replicated = self.replicated
-        if replicated is not None and not replicated.connected.is_set():
+        if replicated is None:
+            return
+        if not replicated.connected.is_set():
             replicated.connected.wait(min(options.timeout, PEER_CONNECT_WAIT_S))
+        if not replicated.formed and self.is_master():
+            try:
+                why = replicated.missing_sites(self._env)
+            except db.DBError as e:
+                raise translate(self.path, "write", e) from e
+            if why is not None:
+                raise SafeNotMasterError(
+                    self.path,
+                    "write",
+                    why,
+                    "start the group's other nodes; nothing was written",
+                    master=None,
+                )
 
     def _replication_retry(self, e: BaseException, generation: int) -> bool:
         """Whether a failed attempt on a replicated safe is worth another: repmgr busy with
