@@ -13,101 +13,18 @@ SIGKILLs. What a user of a group depends on:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from pmnc.runtime.config import load_config
 from pmnc.runtime.harness import TRANSPORT_ERRORS, Client, NodeProcess, write_group_configs
 
 from tests.helpers import EXAMPLES
-
-FAILOVER_S = 10.0  # the contract's bound for serving writes again after the master's node died
-
-
-@pytest.fixture
-def group(tmp_path: Path) -> Iterator[list[NodeProcess]]:
-    nodes = write_group_configs(tmp_path, EXAMPLES, workers=2, threads=4)
-    try:
-        for node in nodes:
-            node.start(wait_ready=False)
-        for node in nodes:
-            node.wait_log(" ready: ", 60)
-        eventually(lambda: formed(nodes), 30)
-        yield nodes
-    finally:
-        for node in nodes:
-            node.kill_group()
-
-
-@pytest.fixture
-def connect() -> Iterator[Callable[..., Client]]:
-    """Clients closed at the end of the test (an open socket left over fails it)."""
-    made: list[Client] = []
-
-    def client(node: NodeProcess, timeout: float = 15.0, keep_alive: bool = True) -> Client:
-        made.append(Client(port=node.port, timeout=timeout, keep_alive=keep_alive))
-        return made[-1]
-
-    yield client
-    for c in made:
-        c.close()
-
-
-def status(node: NodeProcess) -> dict[str, object]:
-    client = Client(port=node.port)
-    try:
-        code, data = client.request("GET", "/_status")
-    finally:
-        client.close()
-    assert code == 200
-    document: dict[str, object] = json.loads(data)
-    return document
-
-
-def replication(node: NodeProcess, module: str) -> dict[str, object]:
-    safes = status(node)["safes"]
-    assert isinstance(safes, dict)
-    info = safes[module]["replication"]
-    assert isinstance(info, dict), f"{node.config}: no replication figures for {module}"
-    return info
-
-
-def formed(nodes: list[NodeProcess]) -> bool:
-    """Every safe of every node connected to both peers and caught up: until then a master's
-    write may find no site to acknowledge it (SafeNotAcknowledgedError, README)."""
-    for node in nodes:
-        safes = status(node)["safes"]
-        assert isinstance(safes, dict)
-        for figures in safes.values():
-            info = figures["replication"]
-            if not info or not info["synced"] or info["peers_connected"] < 2:
-                return False
-    return True
-
-
-def master_of(nodes: list[NodeProcess], module: str) -> NodeProcess:
-    """The node whose safe of `module` says it is master (exactly one, within a few seconds)."""
-    deadline = time.monotonic() + 10
-    while True:
-        masters = [n for n in nodes if replication(n, module)["role"] == "master"]
-        if len(masters) == 1:
-            return masters[0]
-        assert time.monotonic() < deadline, f"masters of {module}: {len(masters)}"
-        time.sleep(0.1)
-
-
-def eventually(check: object, timeout: float = 10.0) -> None:
-    assert callable(check)
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not within the time allowed"
-        time.sleep(0.05)
+from tests.integration.groups import FAILOVER_S, eventually, master_of, replication
 
 
 def test_any_node_takes_writes_and_the_master_answers(
@@ -288,13 +205,14 @@ def test_a_hung_master_node_is_replaced_and_rejoins_when_it_resumes(
         assert served >= 2
     finally:
         os.killpg(master.pid, signal.SIGCONT)
-    eventually(lambda: replication(master, "counter")["role"] == "client", 15)
+    # Generous bounds: on a loaded 2-core CI the resumed node's processes catch up slowly.
+    eventually(lambda: replication(master, "counter")["role"] == "client", 30, "demoted")
 
     def agreed() -> bool:
         masters = {replication(n, "counter")["master"] for n in group}
         return len(masters) == 1 and None not in masters
 
-    eventually(agreed, 10)  # a site may still be between masters for a moment
+    eventually(agreed, 20, "one master named by all")  # one may be between masters a moment
     resumed = connect(master)
-    eventually(lambda: resumed.result("counter", "get", name="h") == served, 10)
+    eventually(lambda: resumed.result("counter", "get", name="h") == served, 20, "caught up")
     assert resumed.result("counter", "increment", name="h") == served + 1

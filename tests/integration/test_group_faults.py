@@ -11,17 +11,14 @@ hung, a worker crash, a lost disk); this file covers the faults around them.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pmnc.runtime.config import load_config, safe_sites
@@ -34,109 +31,19 @@ from pmnc.runtime.harness import (
 )
 
 from tests.helpers import EXAMPLES
-
-FAILOVER_S = 10.0  # the contract's bound for serving writes again while a majority is up
-FORM_S = 40.0  # a fresh group forms in ~10-15 s on 2 cores (README); margin for a loaded CI
-
+from tests.integration.groups import (
+    FAILOVER_S,
+    FORM_S,
+    agreed,
+    eventually,
+    formed,
+    master_of,
+    replication,
+    replicator_pid,
+    start_group,
+)
 
 # -- the group and its views ----------------------------------------------------------------
-
-
-def start_group(nodes: list[NodeProcess]) -> None:
-    for node in nodes:
-        node.start(wait_ready=False)
-    for node in nodes:
-        node.wait_log(" ready: ", 60)
-    eventually(lambda: formed(nodes), FORM_S)
-
-
-@pytest.fixture
-def group(tmp_path: Path) -> Iterator[list[NodeProcess]]:
-    nodes = write_group_configs(tmp_path, EXAMPLES, workers=2, threads=4)
-    try:
-        start_group(nodes)
-        yield nodes
-    finally:
-        for node in nodes:
-            node.kill_group()
-
-
-@pytest.fixture
-def connect() -> Iterator[Callable[..., Client]]:
-    """Clients closed at the end of the test (an open socket left over fails it)."""
-    made: list[Client] = []
-
-    def client(node: NodeProcess, timeout: float = 15.0, keep_alive: bool = True) -> Client:
-        made.append(Client(port=node.port, timeout=timeout, keep_alive=keep_alive))
-        return made[-1]
-
-    yield client
-    for c in made:
-        c.close()
-
-
-def status(node: NodeProcess) -> dict[str, Any]:
-    client = Client(port=node.port, timeout=5)
-    try:
-        code, data = client.request("GET", "/_status")
-    finally:
-        client.close()
-    assert code == 200, data
-    document: dict[str, Any] = json.loads(data)
-    return document
-
-
-def replication(node: NodeProcess, module: str) -> dict[str, Any]:
-    info = status(node)["safes"][module]["replication"]
-    assert isinstance(info, dict), f"{node.config}: no replication figures for {module}"
-    return info
-
-
-def formed(nodes: list[NodeProcess]) -> bool:
-    """Every safe of every node synced and connected to both peers (test_group.py's wait)."""
-    for node in nodes:
-        try:
-            safes = status(node)["safes"]
-        except TRANSPORT_ERRORS:
-            return False
-        for figures in safes.values():
-            info = figures["replication"]
-            if not info or not info["synced"] or info["peers_connected"] < len(nodes) - 1:
-                return False
-    return True
-
-
-def master_of(nodes: list[NodeProcess], module: str, timeout: float = 10.0) -> NodeProcess:
-    deadline = time.monotonic() + timeout
-    while True:
-        masters = [n for n in nodes if replication(n, module)["role"] == "master"]
-        if len(masters) == 1:
-            return masters[0]
-        assert time.monotonic() < deadline, f"masters of {module}: {len(masters)}"
-        time.sleep(0.1)
-
-
-def agreed(nodes: list[NodeProcess], module: str) -> bool:
-    """Every node names the same, known master of `module`."""
-    masters = {replication(n, module)["master"] for n in nodes}
-    return len(masters) == 1 and None not in masters
-
-
-def eventually(check: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not within the time allowed"
-        time.sleep(0.05)
-
-
-def replicator_pid(node: NodeProcess, cage: str = "demo") -> int:
-    """The live replication process of `cage`: a direct child of the supervisor that the log
-    announced as "cage <cage>: replication process <pid> started" (supervisor.py)."""
-    started = re.findall(rf"cage {cage}: replication process (\d+) started", node.text(0))
-    assert started, node.text(0)[-2000:]
-    pid = int(started[-1])
-    assert pid in node.workers(), (pid, node.workers())
-    return pid
 
 
 def serve_write(client: Client, counter: str, since: float) -> tuple[int, int]:

@@ -11,84 +11,25 @@ runtime/replicator.py). The master says it is master with no lag.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from pmnc.runtime.harness import (
-    TRANSPORT_ERRORS,
     Client,
     NodeProcess,
     pmnc_runtime,
-    write_group_configs,
 )
 from pmnc.safe import log_distance
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import EXAMPLES
+from tests.integration.groups import eventually, get, replication
 
 LAG_S = 10.0  # a write on the master shows as caught up (lag 0, a fresh look) within this
 
 
-@pytest.fixture
-def group(tmp_path: Path) -> Iterator[list[NodeProcess]]:
-    nodes = write_group_configs(tmp_path, EXAMPLES, workers=2, threads=4)
-    try:
-        for node in nodes:
-            node.start(wait_ready=False)
-        for node in nodes:
-            node.wait_log(" ready: ", 60)
-        eventually(lambda: formed(nodes), 30)
-        yield nodes
-    finally:
-        for node in nodes:
-            node.kill_group()
-
-
-def get(node: NodeProcess, path: str) -> bytes:
-    client = Client(port=node.port)
-    try:
-        code, data = client.request("GET", path)
-    finally:
-        client.close()
-    assert code == 200, (path, data[:500])
-    return data
-
-
-def replication(node: NodeProcess, module: str) -> dict[str, Any]:
-    info = json.loads(get(node, "/_status"))["safes"][module]["replication"]
-    assert isinstance(info, dict), f"{node.config}: no replication figures for {module}"
-    return info
-
-
-def formed(nodes: list[NodeProcess]) -> bool:
-    """Every safe synced and connected to both peers (as in test_group.py); a cage that
-    restarts while the group forms (a worker making way, runtime/worker.py) is not yet."""
-    for node in nodes:
-        try:
-            document = json.loads(get(node, "/_status"))
-        except TRANSPORT_ERRORS:
-            return False
-        for figures in document["safes"].values():
-            info = figures["replication"]
-            if not info or not info["synced"] or info["peers_connected"] < 2:
-                return False
-    return True
-
-
 def name(node: NodeProcess) -> str:
     return node.config.stem  # write_group_configs names node N's config nodeN.yaml
-
-
-def eventually(check: Callable[[], object], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not within the time allowed"
-        time.sleep(0.1)
 
 
 def gauges(node: NodeProcess, safe: str) -> dict[str, float]:

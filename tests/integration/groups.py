@@ -1,0 +1,98 @@
+"""What the node-group tests share (test_group.py, test_group_faults.py, test_group_status.py):
+starting a group of real nodes on this machine and waiting for it to form, and reading each
+node's view of its safes' replication from `/_status`. The `group` and `connect` fixtures
+built on these are in tests/integration/conftest.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pmnc.runtime.harness import TRANSPORT_ERRORS, Client, NodeProcess
+
+FAILOVER_S = 10.0  # the contract's bound for serving writes again while a majority is up
+FORM_S = 40.0  # a fresh group forms in ~10-15 s on 2 cores (README); margin for a loaded CI
+
+
+def eventually(check: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what or check}"
+        time.sleep(0.05)
+
+
+def get(node: NodeProcess, path: str) -> bytes:
+    """The body of a GET that must answer 200."""
+    client = Client(port=node.port, timeout=5)
+    try:
+        code, data = client.request("GET", path)
+    finally:
+        client.close()
+    assert code == 200, (path, data[:500])
+    return data
+
+
+def status(node: NodeProcess) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(get(node, "/_status"))
+    return document
+
+
+def replication(node: NodeProcess, module: str) -> dict[str, Any]:
+    info = status(node)["safes"][module]["replication"]
+    assert isinstance(info, dict), f"{node.config}: no replication figures for {module}"
+    return info
+
+
+def formed(nodes: list[NodeProcess]) -> bool:
+    """Every safe of every node synced and connected to every peer: until then a master's
+    write may find no site to acknowledge it (README, "Replicated safes"). A node whose cage
+    restarts meanwhile (a worker making way, runtime/worker.py) is not formed yet."""
+    for node in nodes:
+        try:
+            safes = status(node)["safes"]
+        except TRANSPORT_ERRORS:
+            return False
+        for figures in safes.values():
+            info = figures["replication"]
+            if not info or not info["synced"] or info["peers_connected"] < len(nodes) - 1:
+                return False
+    return True
+
+
+def start_group(nodes: list[NodeProcess]) -> None:
+    """Start every node at once, wait for each to be ready and for the group to form."""
+    for node in nodes:
+        node.start(wait_ready=False)
+    for node in nodes:
+        node.wait_log(" ready: ", 60)
+    eventually(lambda: formed(nodes), FORM_S)
+
+
+def master_of(nodes: list[NodeProcess], module: str, timeout: float = 10.0) -> NodeProcess:
+    """The one node whose safe of `module` says it is master (within `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        masters = [n for n in nodes if replication(n, module)["role"] == "master"]
+        if len(masters) == 1:
+            return masters[0]
+        assert time.monotonic() < deadline, f"masters of {module}: {len(masters)}"
+        time.sleep(0.1)
+
+
+def agreed(nodes: list[NodeProcess], module: str) -> bool:
+    """Every node names the same, known master of `module`."""
+    masters = {replication(n, module)["master"] for n in nodes}
+    return len(masters) == 1 and None not in masters
+
+
+def replicator_pid(node: NodeProcess, cage: str = "demo") -> int:
+    """The live replication process of `cage`: a direct child of the supervisor that the log
+    announced as "cage <cage>: replication process <pid> started" (supervisor.py)."""
+    started = re.findall(rf"cage {cage}: replication process (\d+) started", node.text(0))
+    assert started, node.text(0)[-2000:]
+    pid = int(started[-1])
+    assert pid in node.workers(), (pid, node.workers())
+    return pid
