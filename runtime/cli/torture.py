@@ -381,19 +381,29 @@ def _torture(
     print(f"longest gap between acknowledged writes: {load.longest_gap:.3f} s")
     print(f"final stop: exit status {status}")
     print(f"verify: {'; '.join(problems) or f'ok ({len(targets)} safe(s))'}")
+    _print_failures(failure, stuck)
+    bad = failure or stuck or problems or status != 0
+    return _print_lost(lost, f"{checked} acknowledged writes", bad)
+
+
+def _print_failures(failure: str | None, stuck: list[str]) -> None:
     if failure:
         print(f"FAILED: {failure}")
     if stuck:
         print(f"FAILED: writer threads still running (deadlocked?): {', '.join(stuck)}")
+
+
+def _print_lost(lost: list[str], checked: str, bad: object) -> int:
+    """The closing lines every torture run prints, and its exit status."""
     for key in lost[:100]:
         print(f"  lost {key}")
     if len(lost) > 100:
         print(f"  ... and {len(lost) - 100} more")
-    print(f"checked: {checked} acknowledged writes")
+    print(f"checked: {checked}")
     print(f"lost: {len(lost)}")
     if lost:
         return EXIT_LOST
-    return EXIT_FAILED if failure or stuck or problems or status != 0 else 0
+    return EXIT_FAILED if bad else 0
 
 
 _KILLED = re.compile(r"cage (\S+): worker (\d+) killed by SIGKILL")
@@ -796,23 +806,12 @@ def _torture_group(
     slow = [t for t in failovers if t > FAILOVER_LIMIT]
     if slow:
         failure = failure or f"{len(slow)} failover(s) took over {FAILOVER_LIMIT:g} s"
-    if failure:
-        print(f"FAILED: {failure}")
-    if stuck:
-        print(f"FAILED: writer threads still running (deadlocked?): {', '.join(stuck)}")
+    _print_failures(failure, stuck)
     for i, keys in enumerate(missing):
         if keys:
             print(f"  node {_name(nodes[i])}: {len(keys)} acknowledged write(s) missing")
-    for key in lost[:100]:
-        print(f"  lost {key}")
-    if len(lost) > 100:
-        print(f"  ... and {len(lost) - 100} more")
-    print(f"checked: {checked} acknowledged writes on each of {len(nodes)} nodes")
-    print(f"lost: {len(lost)}")
-    if lost:
-        return EXIT_LOST
     bad = failure or stuck or problems or any(s != 0 for s in statuses)
-    return EXIT_FAILED if bad else 0
+    return _print_lost(lost, f"{checked} acknowledged writes on each of {len(nodes)} nodes", bad)
 
 
 def _round(
