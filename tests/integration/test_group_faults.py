@@ -150,7 +150,7 @@ def test_reload_that_changes_the_module_set_is_refused_and_the_old_config_runs(
     if set(node.workers()) != before:  # only a worker making way (worker.py), never a reload
         assert "making way" in node.text(since), node.text(since)
     assert client.result("counter", "increment", name="x") == 1  # counter still served
-    assert formed(group)
+    eventually(lambda: formed(group), FORM_S, "the group still formed")
 
 
 # -- 3. a network partition ----------------------------------------------------------------

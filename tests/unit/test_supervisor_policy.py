@@ -159,7 +159,7 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[Fakes]:
         f.waited.append(pid)
         return pid, 0
 
-    def prepare(path: Path) -> float:
+    def prepare(path: Path, **_: object) -> float:  # cache_size= and the like
         f.prepared.append(path)
         return 0.01
 
