@@ -28,7 +28,12 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
-from pmnc.safe import SafeNeedsRecoveryError, SafeNotMasterError
+from pmnc.safe import (
+    SafeGroupNotFormedError,
+    SafeNeedsRecoveryError,
+    SafeNotMasterError,
+    writes_committed,
+)
 
 from .calls import request_chain
 from .logs import logger
@@ -240,12 +245,16 @@ class Application:
             arguments.check(args)
         except TypeError as e:
             return error_response(400, "TypeError", f"{module}.{function}(): {e}")
+        before = writes_committed()
         try:
             return self._run(module, function, fn, args, chain)
         except SafeNotMasterError as e:
-            if self._forward is None:
+            # Not carried elsewhere: a call that already wrote (it would write again), and a
+            # master whose group has not formed (no other node can do better).
+            stays = isinstance(e, SafeGroupNotFormedError) or writes_committed() != before
+            if self._forward is None or stays:
                 logger.warning("%s.%s: %s", module, function, e)
-                return error_response(503, "NotMaster", describe(e))
+                return _not_master(e, before)
             call = Call(module, function, body, chain, forwarded)
             again = functools.partial(self._run, module, function, fn, args, chain)
             return self._forward(e, call, functools.partial(_run_here, again))
@@ -280,10 +289,27 @@ class Application:
 
 def _run_here(run: Callable[[], Response]) -> Response:
     """Run a call again where this node has just become master (the forwarder found it so)."""
+    before = writes_committed()
     try:
         return run()
     except SafeNotMasterError as e:
-        return error_response(503, "NotMaster", describe(e))
+        return _not_master(e, before)
+
+
+def _not_master(e: SafeNotMasterError, before: int) -> Response:
+    """The answer to a call whose write met a client safe and that is not carried out
+    elsewhere: 503 NotMaster when it wrote nothing (a caller may send it again), 500
+    PartiallyWritten when it had already committed writes to other safes before (running it
+    again, here or on the master, would repeat them: README, "Replicated safes")."""
+    if writes_committed() == before:
+        kind = "GroupNotFormed" if isinstance(e, SafeGroupNotFormedError) else "NotMaster"
+        return error_response(503, kind, describe(e))
+    return error_response(
+        500,
+        "PartiallyWritten",
+        f"{describe(e)}; the call had already written to another safe, so it was not sent "
+        "to the master (it would write that again): its outcome is partial",
+    )
 
 
 def _answer(module: str, function: str, result: object) -> Response:

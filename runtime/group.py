@@ -2,7 +2,7 @@
 a master site belongs to, and carrying a write that arrived where its safe is not master over
 to the master's node.
 
-The contract (README, "Replicated safes"): any node's cage accepts any call; a call that writes
+The promise (README, "Replicated safes"): any node's cage accepts any call; a call that writes
 where that safe is a client is carried out on the master and its caller gets the master's
 answer. The safe raises SafeNotMasterError before writing anything (safe/env.py's funnel), so the
 whole HTTP call is sent again, as it came, to the same cage on the master's node; the function
@@ -40,7 +40,7 @@ FORWARDED_HEADER = "X-Pmnc-Forwarded"
 # Between two looks for a master while there is none (an election takes about a second).
 MASTER_POLL_S = 0.1
 # How long a write waits for a master to carry it out, at most (request_timeout if shorter):
-# the contract's bound for a group to serve writes again after losing its master's node.
+# the README's bound for a group to serve writes again after losing its master's node.
 MASTER_WAIT_S = 10.0
 # Connecting to and sending a call to the master's node, at most (a live node accepts at once).
 CONNECT_S = 2.0

@@ -43,7 +43,7 @@ from pmnc.safe import Replication, Safe, SafeError, SafeNotMasterError, is_safe
 
 from . import child, logs, status
 from .calls import master_route
-from .config import CageConfig, NodeConfig
+from .config import CageConfig, HttpAddress, NodeConfig
 from .group import node_of_site, safe_replication
 from .logs import logger
 
@@ -95,6 +95,13 @@ class _Replicator:
         beats = threading.Thread(target=self._beat_while, args=(opening,), daemon=True)
         beats.start()
         started = time.monotonic()
+        mismatch = self._check_peers_run_the_same_modules()
+        if mismatch is not None:
+            opening.set()
+            beats.join()
+            logger.error("not joining the group: %s", mismatch)
+            self.pipe.send(f"boot-error {mismatch}")
+            return child.EXIT_BOOT_FAILED
         try:
             if not self._open():
                 logger.info("stopping before the group was joined")
@@ -102,7 +109,8 @@ class _Replicator:
             self._await_roles()
         except SafeError as e:
             logger.error("cannot open the cage's safes: %s", e)
-            return 0 if child.close_safes(self.safes) else child.EXIT_NEEDS_RECOVERY
+            # Not 0: the supervisor handles it as a crash (its cage restarts, backing off).
+            return 1 if child.close_safes(self.safes) else child.EXIT_NEEDS_RECOVERY
         finally:
             opening.set()
             beats.join()
@@ -165,18 +173,11 @@ class _Replicator:
         disk): join it instead of creating a second group (README, "Replicated safes")."""
         for peer in self.cfg.replication.peers if self.cfg.replication else ():
             address = peer.http.get(self.spec.cage.name)
-            if address is None:
-                continue
-            host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
-            conn = http.client.HTTPConnection(host, address.port, timeout=JOIN_PROBE_S)
+            document = None if address is None else _peer_status(address)
             try:
-                conn.request("GET", status.STATUS_PATH)
-                document = json.loads(conn.getresponse().read())
-                info = document["safes"][module]["replication"]
-            except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+                info = document["safes"][module]["replication"] if document else None
+            except (KeyError, TypeError):
                 continue
-            finally:
-                conn.close()
             if isinstance(info, dict) and info.get("master"):
                 logger.warning(
                     "%s: no copy here, and node %s serves it with a master: joining the "
@@ -186,6 +187,29 @@ class _Replicator:
                 )
                 return dataclasses.replace(replication, create_group=False)
         return replication
+
+    def _check_peers_run_the_same_modules(self) -> str | None:
+        """Why this node must not join its group, or None. Each safe's replication port follows
+        from the node's sorted (cage, module) list (config.safe_sites): a node with one module
+        more or less than its peers would join safes of *other* modules, and an internal init
+        would copy one module's data over another's (found by review). So every cage that a
+        peer serves now is compared, module by module; a peer not answering is not checked."""
+        ours = {cage.name: set(self.cfg.module_names(cage)) for cage in self.cfg.cages}
+        for peer in self.cfg.replication.peers if self.cfg.replication else ():
+            for cage, address in peer.http.items():
+                document = _peer_status(address)
+                if document is None or not isinstance(document.get("safes"), dict):
+                    continue
+                theirs = set(document["safes"])
+                if theirs and theirs != ours.get(cage):
+                    return (
+                        f"node {peer.node} runs cage {cage} with modules "
+                        f"{', '.join(sorted(theirs))}, this node with "
+                        f"{', '.join(sorted(ours.get(cage, ()))) or 'none'}: the nodes of a group "
+                        "must run the same cages and modules (each safe's replication port "
+                        "follows from them)"
+                    )
+        return None
 
     def _await_roles(self) -> None:
         deadline = time.monotonic() + READY_WAIT_S
@@ -248,8 +272,8 @@ class _Replicator:
         else asked of the master's node. An entry that could not be updated keeps its last
         figure and time (shown with its age), or its master site if the master changed."""
         # Each safe's role and master come from the workers' reports (status.py, a second old
-        # at most), not from this process's safes: once ready, this process makes no libdb
-        # call of its own next to the repmgr threads it runs (safe/replication.py).
+        # at most), not from this process's safes: this thread adds no libdb calls of its own
+        # next to the repmgr threads and the safes' maintenance threads this process runs.
         try:
             own = status.cage_status(status.run_dir(self.cfg, self.spec.cage.name))
         except status.NotRunningError:
@@ -303,3 +327,17 @@ class _Replicator:
         if response.status != 200 or not isinstance(document, dict):
             return None
         return document if document.get("node") == node else None
+
+
+def _peer_status(address: HttpAddress) -> dict[str, Any] | None:
+    """A peer cage's `/_status` document, or None if it does not answer (JOIN_PROBE_S)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
+    conn = http.client.HTTPConnection(host, address.port, timeout=JOIN_PROBE_S)
+    try:
+        conn.request("GET", status.STATUS_PATH)
+        document = json.loads(conn.getresponse().read())
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    finally:
+        conn.close()
+    return document if isinstance(document, dict) else None

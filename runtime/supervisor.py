@@ -61,7 +61,7 @@ import multiprocess
 import multiprocess.process
 from pmnc.safe import SafeError, prepare
 
-from . import logs, metrics, policy, replicator, status, worker
+from . import child, logs, metrics, policy, replicator, status, worker
 from .balance import ABSENT, Balance
 from .config import CageConfig, ConfigError, HttpAddress, NodeConfig, load_config
 from .logs import logger
@@ -302,7 +302,7 @@ class Supervisor:
         """Sleep until the next deadline the loop must act on, TICK at most."""
         now = time.monotonic()
         due = [c.health.restart_at for c in self._cages.values()]
-        due += [w.stop_deadline for w in self._workers.values()]
+        due += [w.stop_deadline for w in [*self._workers.values(), *self._replicators.values()]]
         return policy.sleep_for(now, (d for d in due if d is not None))
 
     # -- messages from workers ----------------------------------------------------------------
@@ -621,6 +621,16 @@ class Supervisor:
     def _on_replicator_exit(self, r: _Child, code: int) -> None:
         self._replicators.pop(r.pid, None)
         os.close(r.report_fd)
+        if code == child.EXIT_BOOT_FAILED and not self._stopping:
+            # It refused to join (its group runs other modules): restarting cannot help.
+            logger.error(
+                "cage %s: replication process %d did not join its group: stopping the node "
+                "(fix the config and start again)",
+                r.cage.name,
+                r.pid,
+            )
+            self._begin_stop(EXIT_FAILED)
+            return
         if r.stop_deadline is not None and code == 0:
             logger.info("cage %s: replication process %d stopped", r.cage.name, r.pid)
             return
@@ -718,7 +728,8 @@ class Supervisor:
                 self._kill(w, reason)
 
     def _kill(self, w: _Child, reason: str) -> None:
-        logger.error("cage %s: worker %d %s: killing it", w.cage.name, w.pid, reason)
+        what = "replication process" if w.replicator else "worker"
+        logger.error("cage %s: %s %d %s: killing it", w.cage.name, what, w.pid, reason)
         w.kill_reason = reason
         with contextlib.suppress(ProcessLookupError):
             os.kill(w.pid, signal.SIGKILL)

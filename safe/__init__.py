@@ -21,6 +21,7 @@ from .errors import (
     SafeCorruptError,
     SafeError,
     SafeForkError,
+    SafeGroupNotFormedError,
     SafeNeedsRecoveryError,
     SafeNoSpaceError,
     SafeNotAcknowledgedError,
@@ -30,7 +31,7 @@ from .errors import (
 )
 from .layout import DiskUsage, disk_usage, is_safe
 from .queue import Delivery, Queue
-from .replication import ACK_POLICIES, Replication, log_distance
+from .replication import ACK_POLICIES, Replication, log_distance, writes_committed
 from .store import DEFAULT_CACHE_SIZE, DEFAULT_MIN_FREE_SPACE, Safe
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "SafeCorruptError",
     "SafeError",
     "SafeForkError",
+    "SafeGroupNotFormedError",
     "SafeNeedsRecoveryError",
     "SafeNoSpaceError",
     "SafeNotAcknowledgedError",
@@ -61,6 +63,7 @@ __all__ = [
     "restore",
     "users",
     "verify",
+    "writes_committed",
 ]
 
 

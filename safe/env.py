@@ -61,6 +61,7 @@ from .errors import (
     SafeCorruptError,
     SafeError,
     SafeForkError,
+    SafeGroupNotFormedError,
     SafeNeedsRecoveryError,
     SafeNoSpaceError,
     SafeNotAcknowledgedError,
@@ -583,12 +584,16 @@ class Environment:
                     if replicated is not None and isinstance(e, db.DBAccessError):
                         raise self._not_master(what) from e
                     raise translate(self.path, what, e) from e
-                if replicated is not None and replicated.failed():
-                    self.stats.error(what)
-                    raise self._not_acknowledged(what)
+                if replicated is not None:
+                    replicated.committed()  # even if not acknowledged: it is committed here
+                    if replicated.failed():
+                        self.stats.error(what)
+                        raise self._not_acknowledged(what)
                 self.stats.record(what, time.perf_counter_ns() - started, attempt)
                 return result
         finally:
+            if self.replicated is not None:
+                self.replicated.end_call()  # a write that failed counts as nothing
             next(self._calls_done)
 
     def before_write(self, options: Options) -> None:
@@ -599,6 +604,7 @@ class Environment:
         replicated = self.replicated
         if replicated is None:
             return
+        replicated.mark_write()
         if not replicated.connected.is_set():
             replicated.connected.wait(min(options.timeout, PEER_CONNECT_WAIT_S))
         if not replicated.formed and self.is_master():
@@ -607,7 +613,7 @@ class Environment:
             except db.DBError as e:
                 raise translate(self.path, "write", e) from e
             if why is not None:
-                raise SafeNotMasterError(
+                raise SafeGroupNotFormedError(
                     self.path,
                     "write",
                     why,

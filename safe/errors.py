@@ -93,3 +93,9 @@ class SafeNotAcknowledgedError(SafeError):
     ack policy requires within the ack timeout: it is not durable across machines, and a
     failover before the other sites catch up may lose it. Its outcome is unknown to the caller:
     retry only what is idempotent, or read back after the group recovers."""
+
+
+class SafeGroupNotFormedError(SafeNotMasterError):
+    """A write on a master whose group has fewer sites than its ack policy needs (a new group
+    whose other nodes have not joined yet): nothing was written. Not a master elsewhere
+    either, so sending the write to another node does not help: wait for the group."""

@@ -105,6 +105,19 @@ class Replication:
         return self.local == min((self.local, *self.peers))
 
 
+# Per thread: writes committed on replicated safes (see `writes_committed`).
+_committed = threading.local()
+
+
+def writes_committed() -> int:
+    """How many writes this thread has committed on replicated safes, ever.
+
+    For whoever re-runs a call elsewhere when a write meets a client safe (SafeNotMasterError):
+    if this count moved since the call began, the call already changed a safe and must not be
+    run again (pmnc-runtime answers 500 PartiallyWritten instead: runtime/group.py)."""
+    return int(getattr(_committed, "n", 0))
+
+
 class Replicated:
     """The replication state of one environment in this process: role, events, per-thread
     "not acknowledged" flags. Created before the environment is opened."""
@@ -122,7 +135,7 @@ class Replicated:
         self.sweep_due = True  # a connection was made since the last sweep
         # Set while this process has its own connection to every peer its replication process
         # is connected to (always, in the replication process): a subordinate's commit made
-        # before gets no acknowledgement, so writes wait for it, boundedly (`await_peers`).
+        # before gets no acknowledgement, so writes wait for it, boundedly (before_write).
         self.connected = threading.Event()
         self.connected.set()
         self._published: frozenset[int] | None = None
@@ -186,7 +199,7 @@ class Replicated:
         joined the group after the subordinate started (measured: a master's workers started
         before its peers joined stayed at 0 connections and every commit raised PERM_FAILED;
         tests/integration/test_group.py). `repmgr_site_list()` is each process's own view, so
-        the replication process publishes its connected sites in PEERS_FILE (`publish_peers`)
+        the replication process publishes its connected sites in PEERS_FILE (`_publish`)
         and subordinates compare."""
         own = _connected(env)
         if self.primary:
@@ -259,6 +272,19 @@ class Replicated:
 
     def clear(self) -> None:
         self._thread.failed = False
+
+    def mark_write(self) -> None:
+        """The call this thread is about to make writes (Environment.before_write)."""
+        self._thread.writing = True
+
+    def end_call(self) -> None:
+        self._thread.writing = False
+
+    def committed(self) -> None:
+        """The call this thread made succeeded: count it if it was a write."""
+        if getattr(self._thread, "writing", False):
+            self._thread.writing = False
+            _committed.n = getattr(_committed, "n", 0) + 1
 
     def failed(self) -> bool:
         return bool(getattr(self._thread, "failed", False))

@@ -317,11 +317,14 @@ class Safe(MutableMapping[str, object]):
             environment.raise_unusable("set")
         if self._reserve:
             environment.check_space("set", self._options, len(k) + len(v))
-        if environment.replicated is not None:
-            environment.before_write(self._options)
-        if self._durable:  # auto-commit: one libdb call, the GIL released once
+        if self._durable and environment.replicated is None:
+            # Auto-commit: one libdb call, the GIL released once. Not for a replicated safe:
+            # a retry after a replication rollback must use the reopened handle, which
+            # put_one looks up each time (a bound db_put would keep the dead one).
             environment.call("set", self._options, environment.db_put, k, v)
         else:
+            if environment.replicated is not None:
+                environment.before_write(self._options)
             environment.call("set", self._options, environment.put_one, self._options, k, v)
 
     def __delitem__(self, key: str) -> None:

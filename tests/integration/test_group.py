@@ -13,15 +13,24 @@ SIGKILLs. What a user of a group depends on:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from pmnc.runtime.config import load_config
-from pmnc.runtime.harness import TRANSPORT_ERRORS, Client, NodeProcess, write_group_configs
+from pmnc.runtime.harness import (
+    TRANSPORT_ERRORS,
+    Client,
+    NodeProcess,
+    free_port_range,
+    write_group_configs,
+)
 
 from tests.helpers import EXAMPLES
 from tests.integration.groups import FAILOVER_S, eventually, master_of, replication
@@ -216,3 +225,25 @@ def test_a_hung_master_node_is_replaced_and_rejoins_when_it_resumes(
     resumed = connect(master)
     eventually(lambda: resumed.result("counter", "get", name="h") == served, 20, "caught up")
     assert resumed.result("counter", "increment", name="h") == served + 1
+
+
+def test_a_call_that_wrote_before_meeting_a_client_safe_is_not_run_again(tmp_path: Path) -> None:
+    """Each safe elects its own master: a call may commit a write to a safe mastered here,
+    then meet a safe mastered elsewhere. Forwarding it (or running it again) would repeat the
+    first write, so it is answered 500 PartiallyWritten; a call that wrote nothing before is
+    forwarded as usual (found by review: runtime/app.py, pmnc.safe.writes_committed)."""
+    script = Path(__file__).with_name("partial_write.py")
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(free_port_range(1))],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["partial"][0] == 500, result
+    assert result["partial"][1]["error"].startswith("PartiallyWritten"), result
+    assert result["forwarded"] == ["clean"], result  # only the call that wrote nothing
+    assert result["clean"] == [200, {"result": "forwarded"}], result
+    assert result["n"] == 1, result  # the write was made once, not again

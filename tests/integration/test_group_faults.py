@@ -327,7 +327,7 @@ def test_a_lone_creator_does_not_acknowledge_a_quorum_write(
         # Found by this test: repmgr counts a quorum among the sites that joined, so the lone
         # first site acknowledged every write by itself (safe/replication.py, missing_sites).
         assert code == 503, (code, body, replication(nodes[0], "kv"))
-        assert body["error"].startswith("NotMaster") and "has not formed" in body["error"]
+        assert body["error"].startswith("GroupNotFormed") and "has not formed" in body["error"]
         assert connect(nodes[0]).result("kv", "get", key="alone") is None  # nothing written
     finally:
         for node in nodes:
@@ -478,3 +478,33 @@ def test_status_command_and_metrics_on_a_group_node(
     assert code == 200
     text = data.decode()
     assert "replication" in text, text[:2000]
+
+
+def test_a_node_with_other_modules_than_its_group_refuses_to_join(tmp_path: Path) -> None:
+    """Each safe's replication port follows from the node's sorted modules: a node started with
+    a module fewer would join other modules' safes and could copy one module's data over
+    another's. It must refuse to join, say why, and stop (runtime/replicator.py)."""
+    # The creator (lowest address) among the two that form the group; the odd one joins last.
+    nodes = sorted(write_group_configs(tmp_path, EXAMPLES, workers=1, threads=4), key=base_of)
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    shutil.copy(EXAMPLES / "kv.py", fewer / "kv.py")
+    odd = nodes[2]
+    text = odd.config.read_text()
+    odd.config.write_text(text.replace(f"modules: {EXAMPLES}", f"modules: {fewer}"))
+    try:
+        for node in nodes[:2]:
+            node.start(wait_ready=False)
+        for node in nodes[:2]:
+            node.wait_log(" ready: ", 60)
+        eventually(lambda: formed(nodes[:2]), FORM_S, "two nodes formed")
+        odd.start(wait_ready=False)
+        assert odd.wait(60) != 0
+        text = odd.text()
+        assert "not joining the group" in text and "must run the same cages and modules" in text
+        assert not (load_config(odd.config).data_dir / "safe").exists() or not any(
+            (load_config(odd.config).data_dir / "safe").iterdir()
+        )  # nothing of the group was copied here
+    finally:
+        for node in nodes:
+            node.kill_group()
