@@ -33,6 +33,7 @@ import json
 import os
 import select
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ LAG_POLL_S = 2.0
 LAG_POLL_TIMEOUT_S = 1.0
 # How long the look at a peer before creating a group may take (_join_if_the_group_runs).
 JOIN_PROBE_S = 1.0
+# How long the refuser waits for a connection, or for a request's bytes (_Refuser).
+REFUSE_TICK_S = 0.2
 # Between two attempts to join a group that no site of answers yet (_open).
 JOIN_RETRY_S = 1.0
 
@@ -71,6 +74,8 @@ class ReplicatorSpec:
     modules: tuple[str, ...]
     report_fd: int
     inherited_fds: tuple[int, ...]
+    # The cage's listening socket: answered 503 while the group is waited for (`_Refuser`).
+    listener: socket.socket | None = None
 
 
 def run(spec: ReplicatorSpec) -> None:
@@ -94,6 +99,7 @@ class _Replicator:
         opening = threading.Event()
         beats = threading.Thread(target=self._beat_while, args=(opening,), daemon=True)
         beats.start()
+        refuser = _Refuser(self.spec.listener, opening) if self.spec.listener else None
         started = time.monotonic()
         mismatch = self._check_peers_run_the_same_modules()
         if mismatch is not None:
@@ -114,6 +120,8 @@ class _Replicator:
         finally:
             opening.set()
             beats.join()
+            if refuser is not None:
+                refuser.join()
         roles = ", ".join(
             f"{module} {(safe.replication() or {}).get('role')}"
             for module, safe in zip(self.spec.modules, self.safes, strict=True)
@@ -341,3 +349,55 @@ def _peer_status(address: HttpAddress) -> dict[str, Any] | None:
     finally:
         conn.close()
     return document if isinstance(document, dict) else None
+
+
+class _Refuser:
+    """While the replication process waits for its group, nobody serves the cage's port: the
+    workers start only once it is ready. Rather than leave callers hanging in the listen
+    queue, a thread answers each of them 503 GroupNotFormed (and closes) until the process is
+    ready; it stops before "ready" is sent, so it never takes a connection from a worker."""
+
+    def __init__(self, listener: socket.socket, done: threading.Event) -> None:
+        self._listener = listener
+        self._done = done
+        self._thread = threading.Thread(target=self._run, name="refuse until ready", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join(REFUSE_TICK_S * 4)
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            readable, _, _ = select.select([self._listener], [], [], REFUSE_TICK_S)
+            if not readable or self._done.is_set():
+                continue
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                continue  # another process took it, or it went away
+            with conn:
+                _refuse(conn)
+
+
+def _refuse(conn: socket.socket) -> None:
+    """Answer one connection 503 and close it after reading what it sent (a close with unread
+    bytes would reset the connection and lose the answer)."""
+    body = json.dumps(
+        {"error": "GroupNotFormed: this node is waiting for its group; no cage serves yet"}
+    ).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    )
+    try:
+        conn.setblocking(True)
+        conn.settimeout(REFUSE_TICK_S)
+        with contextlib.suppress(OSError):
+            conn.recv(65536)  # the request, or what arrived of it
+        conn.sendall(head.encode() + body)
+        conn.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+    except OSError:
+        pass

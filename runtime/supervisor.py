@@ -602,9 +602,12 @@ class Supervisor:
                 modules=cage.modules,
                 report_fd=report_w,
                 inherited_fds=inherited,
+                listener=cage.listener,
             )
 
-        process, report_r = self._fork(replicator.run, spec, f"pmnc-{cage.name}-rep")
+        process, report_r = self._fork(
+            replicator.run, spec, f"pmnc-{cage.name}-rep", keep=cage.listener
+        )
         self._replicators[process.pid] = _Child(
             process.pid, cage, process, report_r, time.monotonic(), -1, time.time(),
             replicator=True,
