@@ -51,10 +51,16 @@ def formed(nodes: list[NodeProcess]) -> bool:
     write may find no site to acknowledge it (README, "Replicated safes"). A node whose cage
     restarts meanwhile (a worker making way, runtime/worker.py) is not formed yet."""
     for node in nodes:
+        client = Client(port=node.port, timeout=5)
         try:
-            safes = status(node)["safes"]
+            code, data = client.request("GET", "/_status")
         except TRANSPORT_ERRORS:
             return False
+        finally:
+            client.close()
+        if code != 200:  # 503 GroupNotFormed: a cage still waiting for its group
+            return False
+        safes = json.loads(data)["safes"]
         for figures in safes.values():
             info = figures["replication"]
             if not info or not info["synced"] or info["peers_connected"] < len(nodes) - 1:
