@@ -27,10 +27,13 @@ def group(tmp_path: Path) -> Iterator[list[NodeProcess]]:
 
 @pytest.fixture
 def connect() -> Iterator[Callable[..., Client]]:
-    """Clients closed at the end of the test (an open socket left over fails it)."""
+    """Clients closed at the end of the test (an open socket left over fails it). A new
+    connection per request by default: a worker of a group may make way for a fresh one
+    shortly after the group formed (runtime/worker.py, cut off from a site), closing its idle
+    keep-alive connections, which a client reusing one would see as a broken pipe."""
     made: list[Client] = []
 
-    def client(node: NodeProcess, timeout: float = 15.0, keep_alive: bool = True) -> Client:
+    def client(node: NodeProcess, timeout: float = 15.0, keep_alive: bool = False) -> Client:
         made.append(Client(port=node.port, timeout=timeout, keep_alive=keep_alive))
         return made[-1]
 
