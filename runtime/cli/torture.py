@@ -50,6 +50,7 @@ from pmnc.safe import Safe, SafeError, verify
 
 from ..config import (
     ACK_POLICIES,
+    CageConfig,
     ConfigError,
     HttpAddress,
     NodeConfig,
@@ -281,6 +282,18 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _copy_with_probe(cage: CageConfig, scratch: Path) -> Path:
+    """A scratch copy of the cage's modules with the probe module added; ValueError if the
+    cage already has a module of that name."""
+    modules = scratch / "modules" / cage.name
+    shutil.copytree(cage.modules, modules, ignore=shutil.ignore_patterns("__pycache__"))
+    probe = modules / f"{MODULE}.py"
+    if probe.exists():
+        raise ValueError(f"cage {cage.name} already has a module named {MODULE}")
+    probe.write_text(_SOURCE)
+    return modules
+
+
 def _scratch_config(
     cfg: NodeConfig, scratch: Path, *, in_place: bool
 ) -> tuple[Path, list[_Target]]:
@@ -291,12 +304,7 @@ def _scratch_config(
     """
     cages = []
     for cage in cfg.cages:
-        modules = scratch / "modules" / cage.name
-        shutil.copytree(cage.modules, modules, ignore=shutil.ignore_patterns("__pycache__"))
-        probe = modules / f"{MODULE}.py"
-        if probe.exists():
-            raise ValueError(f"cage {cage.name} already has a module named {MODULE}")
-        probe.write_text(_SOURCE)
+        modules = _copy_with_probe(cage, scratch)
         http = cage.http
         if http is not None and not in_place:
             http = HttpAddress(http.host, free_port(http.host))
@@ -665,12 +673,7 @@ def _group_configs(
     """
     cages = []
     for cage in cfg.cages:
-        modules = scratch / "modules" / cage.name
-        shutil.copytree(cage.modules, modules, ignore=shutil.ignore_patterns("__pycache__"))
-        probe = modules / f"{MODULE}.py"
-        if probe.exists():
-            raise ValueError(f"cage {cage.name} already has a module named {MODULE}")
-        probe.write_text(_SOURCE)
+        modules = _copy_with_probe(cage, scratch)
         cages.append(dataclasses.replace(cage, modules=modules))
     safes = len(dataclasses.replace(cfg, cages=tuple(cages)).safes())
     bases: list[int] = []
