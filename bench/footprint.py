@@ -5,7 +5,7 @@
 1. Idle footprint: each store created with one key and held open by this process (an idle
    module safe), its directory's disk blocks (what `du` counts: reservations included, sparse
    files not).
-2. Disk per payload byte by value size (100 B, 1 KB, 4 KB, 64 KB: KB as 1,000 bytes, values of
+2. Disk per payload byte by value size (100 B, 1, 4, 10, 30 and 64 KB: KB as 1,000 bytes, values of
    random bytes pickled): about `--payload` MiB of values loaded through each store's bulk path
    in key order (and 1 KB once more in random key order, what a B-tree's page splits cost),
    then the data file(s) alone and the whole directory, divided by the payload (key + pickled
@@ -36,11 +36,11 @@ from bench import report, runner
 from bench.stores import STORES, BerkeleyDBStore, Handle, Store
 
 ROOT = Path(__file__).resolve().parent.parent
-SIZES = (100, 1000, 4000, 64000)
+SIZES = (100, 1000, 4000, 10000, 30000, 64000)
 FOOTPRINT_STORES = ("pmnc", "berkeleydb", "diskcache", "lmdb", "sqlitedict")
 # Files that hold the data itself (the rest: logs, regions, WAL, locks), per store.
 DATA_FILES = {
-    "pmnc": ("safe.db",),
+    "pmnc": ("safe.db", "large.db"),
     "berkeleydb": ("data.db",),
     "diskcache": ("cache.db",),
     "lmdb": ("data.mdb",),

@@ -32,7 +32,7 @@ from .env import (
 )
 from .errors import SafeBusyError, SafeCorruptError, SafeError, SafeNoSpaceError
 from .layout import (
-    AUX_FILE,
+    DATA_FILES,
     DB_FILE,
     DIR_MODE,
     FILE_MODE,
@@ -165,7 +165,7 @@ def verify(path: str | os.PathLike[str]) -> None:
 
 
 def _verify_file(home: Path, todo: str = "restore it from a backup") -> None:
-    for name in (DB_FILE, AUX_FILE):
+    for name in DATA_FILES:
         if name != DB_FILE and not (home / name).exists():
             continue
         handle = db.DB()
@@ -227,9 +227,7 @@ def backup(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
             "give a new or empty directory",
         )
     needed = sum(
-        p.stat().st_size
-        for p in home.iterdir()
-        if p.name in (DB_FILE, AUX_FILE) or p.name[:4] == "log."
+        p.stat().st_size for p in home.iterdir() if p.name in DATA_FILES or p.name[:4] == "log."
     )
     if os.path.exists(target.parent):
         free = os.statvfs(target.parent)
@@ -321,7 +319,7 @@ def _copy_files(source: Path, dest: Path) -> None:
     _make_private_dirs(dest)
     _private(dest, DIR_MODE)
     for p in sorted(source.iterdir()):
-        if p.name in (DB_FILE, AUX_FILE) or (p.name.startswith("log.") and p.name[4:].isdigit()):
+        if p.name in DATA_FILES or (p.name.startswith("log.") and p.name[4:].isdigit()):
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
             with open(p, "rb") as src, open(os.open(dest / p.name, flags, FILE_MODE), "wb") as dst:
                 os.fchmod(dst.fileno(), FILE_MODE)  # exact, before a byte of data is in it
@@ -335,7 +333,7 @@ def _remove_tree(path: Path) -> None:
     """Remove a safe's directory: only its own files, so anything else stops the removal."""
     if path.exists():
         for p in path.iterdir():
-            if p.name in (DB_FILE, AUX_FILE, WAKE_FILE, REGISTER_FILE) or p.name[:4] in (
+            if p.name in (*DATA_FILES, WAKE_FILE, REGISTER_FILE) or p.name[:4] in (
                 "log.",
                 "__db",
             ):

@@ -46,6 +46,7 @@ import itertools
 import logging
 import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -73,6 +74,7 @@ from .layout import (
     AUX_FILE,
     DB_FILE,
     FILE_MODE,
+    LARGE_FILE,
     LOG_FILE_SIZE,
     REGISTER_FILE,
     _check_directory,
@@ -140,6 +142,19 @@ READ_SAMPLE_MASK = READ_SAMPLE_EVERY - 1  # a power of two: `n & mask` picks the
 # 64 KiB values, at the same concurrent write rate as 8 KiB pages (docs/footprint.md).
 PAGE_SIZE = 32 << 10
 DBError = db.DBError  # for pmnc.safe.store's hot read path, which does not import the binding
+# A value longer than a data-file page keeps on the page (`on_page_limit`) would take overflow
+# pages of the data file's size, the last one mostly empty: an 8.2 KB value a whole 32 KiB page.
+# Such values go to LARGE_FILE, a B-tree of LARGE_PAGE_SIZE pages, under the same key, and the
+# data file holds LARGE in their place (docs/footprint.md, "Large values": at most 1.5x the
+# payload above the limit, against up to 4x). No pickle (0x80) or expiring record (0xFF)
+# begins with 0xFE.
+LARGE_PAGE_SIZE = 4 << 10
+LARGE = b"\xfe"
+GONE = _expiry.wrap(b"", 0.0)
+# Every this many ticks the maintenance thread looks at up to SWEEP_BATCH records of LARGE_FILE
+# for ones whose key no longer points there (see Environment.sweep_large).
+SWEEP_TICKS = 10
+SWEEP_BATCH = 200
 
 # What to do about an environment that needs recovery, in every message that says so.
 RECOVERY_TODO = (
@@ -341,6 +356,38 @@ def _open_replicated_db(path: Path, env: Any, replicated: Replicated, *, create:
         time.sleep(0.05)
 
 
+def on_page_limit(page_size: int) -> int:
+    """The longest value a B-tree page of `page_size` bytes (checksummed) keeps on the page:
+    (page size - 26) / 4 - 10, measured in docs/footprint.md (8,175 bytes at 32 KiB)."""
+    return (page_size - 26) // 4 - 10
+
+
+def _open_large(path: Path, env: Any) -> Any:
+    """Open (creating on first use) LARGE_FILE. As for AUX_FILE, creation is transactional and
+    a creation that lost a race to another process is retried once the file is there."""
+    for attempt in range(50):
+        handle = db.DB(env)
+        try:
+            handle.set_flags(db.DB_CHKSUM)
+            if not (path / LARGE_FILE).exists():
+                handle.set_pagesize(LARGE_PAGE_SIZE)
+            handle.open(LARGE_FILE, None, db.DB_BTREE, DB_OPEN_FLAGS | db.DB_CREATE, 0o600)
+        except (db.DBFileExistsError, *_RETRYABLE) as e:
+            with contextlib.suppress(db.DBError):
+                handle.close()
+            if attempt == 49:
+                raise translate(path, f"open {LARGE_FILE}", e) from e
+            time.sleep(0.01)
+            continue
+        except db.DBError as e:
+            with contextlib.suppress(db.DBError):
+                handle.close()
+            raise translate(path, f"open {LARGE_FILE}", e) from e
+        _private(path / LARGE_FILE, FILE_MODE)
+        return handle
+    raise AssertionError("unreachable")
+
+
 def _purge_body(e: Environment, txn: Any, *, now: float) -> int:
     return _expiry.purge_step(e, txn, now)
 
@@ -462,6 +509,9 @@ class Environment:
         self._reserved: dict[str, int] = {}
         # The expiry index and queues' handles, opened on first use (`aux`).
         self._aux: dict[str, Any] | None = None
+        # LARGE_FILE's handle, opened on first use (`large`); where the sweep resumes.
+        self._large: Any = None
+        self._sweep_from: bytes | None = None
         self._aux_lock = threading.Lock()
         self._wake: Any = None
         # Per queue name, this process's deliveries and redeliveries (Safe.stats()["queues"]).
@@ -517,6 +567,10 @@ class Environment:
         # Bound once: the durable put and the plain read are the hot paths.
         self.db_get = self._db.get
         self.db_put = self._db.put
+        # Longer values go to LARGE_FILE; not for a data file of small pages (a safe created
+        # before it existed), whose overflow pages are no bigger than LARGE_FILE's.
+        page_size = self._db.get_pagesize()
+        self.large_min = on_page_limit(page_size) if page_size > LARGE_PAGE_SIZE else sys.maxsize
         st = os.statvfs(path)
         self._free_bytes = st.f_bavail * st.f_frsize
         self._stop = threading.Event()
@@ -647,6 +701,9 @@ class Environment:
                 for old in self._aux.values():
                     _pin(old)
                 self._aux = None  # reopened on next use
+            if self._large is not None:
+                _pin(self._large)
+                self._large = None
             self._db_generation += 1
         log.warning("%s: reopened after a replication rollback", self.path)
 
@@ -724,6 +781,8 @@ class Environment:
             if n & READ_SAMPLE_MASK:
                 try:
                     value: bytes | None = self.db_get(key)
+                    if value == LARGE:
+                        value = self.get_large(key)
                 except db.DBError:
                     return self.call(what, options, self.get, key)
                 return value
@@ -819,55 +878,96 @@ class Environment:
         _reserve_regions(self.path, self._env, self._reserved)
 
     # -- operations (raw bytes; the store encodes) -----------------------------------------------
+    #
+    # A value longer than `large_min` is kept in LARGE_FILE and the data file holds LARGE under
+    # its key (see LARGE). Every method here reads and writes through that: a caller sees the
+    # value. Only the store's hot paths call the bound `db_get`/`db_put` themselves: they follow
+    # LARGE with `get` and send long values to `put_one`.
 
     def get(self, key: bytes) -> bytes | None:
         value: bytes | None = self._db.get(key)
+        if value == LARGE:
+            return self.get_large(key)
         return value
+
+    def get_large(self, key: bytes) -> bytes | None:
+        """A plain read of a value kept in LARGE_FILE. No transaction spans the two lookups,
+        so a value replaced or deleted between them is looked up again from the data file."""
+        large = self.large()
+        for _ in range(1000):
+            value: bytes | None = large.get(key)
+            if value is not None:
+                return value
+            value = self._db.get(key)
+            if value != LARGE:
+                return value
+        raise self._missing_large(key)
+
+    def _missing_large(self, key: bytes) -> SafeCorruptError:
+        return SafeCorruptError(
+            self.path,
+            "get",
+            f"the data file points to {LARGE_FILE} for key {key[:64]!r}, which has no such record",
+            "restore it from a backup, or run `pmnc-runtime safe verify` on it",
+        )
 
     def get_rmw(self, txn: Any, key: bytes) -> bytes | None:
         """Read with a write lock, so that the write that follows cannot deadlock on an upgrade."""
         value: bytes | None = self._db.get(key, txn=txn, flags=db.DB_RMW)
+        if value == LARGE:
+            value = self.large().get(key, txn=txn, flags=db.DB_RMW)
+            if value is None:
+                raise self._missing_large(key)
         return value
 
     def put_one(self, options: Options, key: bytes, value: bytes) -> None:
         """One put as its own transaction: Berkeley DB's auto-commit when durable (one call,
         the GIL released once: Safe passes `db_put` itself to `call` then), an explicit
-        DB_TXN_WRITE_NOSYNC transaction otherwise."""
-        if options.durable:
+        DB_TXN_WRITE_NOSYNC transaction otherwise, and always for a long value (two files).
+
+        It does not look at what it replaces: a long value replaced by a short one leaves its
+        LARGE_FILE record to the sweep (`sweep_large`), which nothing reads meanwhile."""
+        if len(value) > self.large_min:
+            with self.txn(options) as txn:
+                self.put(txn, key, value)
+        elif options.durable:
             self._db.put(key, value)
         else:
             with self.txn(options) as txn:
                 self._db.put(key, value, txn=txn)
 
-    def delete_one(self, options: Options, key: bytes) -> bool:
-        """One delete as its own transaction (see put_one); False if the key was absent."""
-        try:
-            if options.durable:
-                self._db.delete(key)
-            else:
-                with self.txn(options) as txn:
-                    self._db.delete(key, txn=txn)
-        except db.DBNotFoundError:
-            return False
-        return True
-
     def put(self, txn: Any, key: bytes, value: bytes) -> None:
+        if len(value) > self.large_min:
+            self.large().put(key, value, txn=txn)
+            self._db.put(key, LARGE, txn=txn)
+            return
         self._db.put(key, value, txn=txn)
+        if self._large is not None:  # a long value it replaces goes now, not at the sweep
+            with contextlib.suppress(db.DBNotFoundError):
+                self._large.delete(key, txn=txn)
 
     def delete(self, txn: Any, key: bytes) -> bool:
         try:
             self._db.delete(key, txn=txn)
         except db.DBNotFoundError:
             return False
+        if self.large_exists():
+            with contextlib.suppress(db.DBNotFoundError):
+                self.large().delete(key, txn=txn)
         return True
 
     def first(self, txn: Any) -> tuple[bytes, bytes] | None:
         cursor = self._db.cursor(txn)
         try:
             record: tuple[bytes, bytes] | None = cursor.first(flags=db.DB_RMW)
-            return record
         finally:
             cursor.close()
+        if record is not None and record[1] == LARGE:
+            value = self.large().get(record[0], txn=txn, flags=db.DB_RMW)
+            if value is None:
+                raise self._missing_large(record[0])
+            record = record[0], value
+        return record
 
     def scan(
         self, start: bytes | None, limit: int, *, inclusive: bool = False
@@ -875,7 +975,7 @@ class Environment:
         """Up to `limit` records with keys after `start` (or from it, if `inclusive`).
 
         The cursor is closed before the batch is returned, so an iterating caller holds no lock
-        between batches and never blocks writers.
+        between batches and never blocks writers. Long values are looked up after it is closed.
         """
         out: list[tuple[bytes, bytes]] = []
         cursor = self._db.cursor()
@@ -888,6 +988,10 @@ class Environment:
                 record = cursor.next() if len(out) < limit else None
         finally:
             cursor.close()
+        if any(value == LARGE for _, value in out):
+            # A key deleted meanwhile reads as a record expired long ago (GONE): absent for
+            # every caller, while the batch keeps its length and last key to resume from.
+            out = [(k, (self.get_large(k) or GONE) if v == LARGE else v) for k, v in out]
         return out
 
     def count(self) -> int:
@@ -901,11 +1005,67 @@ class Environment:
             record = cursor.first(flags=db.DB_RMW)
             while record is not None and n < limit:
                 cursor.delete()
+                if record[1] == LARGE:
+                    with contextlib.suppress(db.DBNotFoundError):
+                        self.large().delete(record[0], txn=txn)
                 n += 1
                 record = cursor.next(flags=db.DB_RMW)
         finally:
             cursor.close()
         return n
+
+    # -- long values (LARGE_FILE) ----------------------------------------------------------------
+
+    def large_exists(self) -> bool:
+        """Whether LARGE_FILE exists (some process has stored a long value)."""
+        return self._large is not None or os.path.exists(self.path / LARGE_FILE)
+
+    def large(self) -> Any:
+        """LARGE_FILE's B-tree, opened (and created) on first use."""
+        handle = self._large
+        if handle is not None:
+            return handle
+        with self._aux_lock:
+            if self._large is None:
+                self._large = _open_large(self.path, self._env)
+            return self._large
+
+    def sweep_large(self) -> int:
+        """Delete up to SWEEP_BATCH records of LARGE_FILE whose key no longer points there, in
+        one NOSYNC transaction, resuming where the last sweep of this process ended.
+
+        They are left by a one-call put (`put_one`, `[]=`) of a short value over a long one,
+        which does not read what it replaces so as to stay one Berkeley DB call; no read goes
+        to them. A lock conflict ends the round (the next one, or another process, takes it up).
+        Returns the records deleted."""
+        if not self.large_exists():
+            return 0
+        options = Options(durable=False, timeout=1.0, min_free_space=0)
+
+        def body(e: Environment, txn: Any) -> tuple[int, bytes | None]:
+            cursor = e.large().cursor(txn)
+            deleted = seen = 0
+            last: bytes | None = None
+            try:
+                start = e._sweep_from
+                record = cursor.set_range(start) if start is not None else cursor.first()
+                while record is not None and seen < SWEEP_BATCH:
+                    last = record[0]
+                    if e._db.get(last, txn=txn, flags=db.DB_RMW) != LARGE:
+                        cursor.delete()
+                        deleted += 1
+                    seen += 1
+                    record = cursor.next()
+                done = record is None
+            finally:
+                cursor.close()
+            return deleted, None if done else last
+
+        try:
+            deleted, self._sweep_from = self.transaction(options, body)
+        except _RETRYABLE:
+            return 0
+        return deleted
 
     # -- expiry index and queues (docs/queues.md) ----------------------------------------------
 
@@ -1067,6 +1227,8 @@ class Environment:
                     replicated.check_connections(self._env)
                 if ticks % PURGE_TICKS == 0 and self.is_master():
                     self.purge_expired()
+                if ticks % SWEEP_TICKS == 0 and self.large_min < sys.maxsize and self.is_master():
+                    self.sweep_large()
                 if time.monotonic() - last_forced >= self._checkpoint_interval:
                     self._env.txn_checkpoint(0, 0, 0)
                     last_forced = time.monotonic()
@@ -1148,6 +1310,7 @@ class Environment:
             _pin(self._env)
             _pin(self._db)
             _pin(self._aux)
+            _pin(self._large)
             raise SafeNeedsRecoveryError(
                 self.path,
                 "close",
@@ -1160,6 +1323,8 @@ class Environment:
         # take its dirty pages, which the log already has): a process that leaves without
         # closing it would look dead to the next one, which would then recover.
         aux = list(self._aux.values()) if self._aux is not None else []
+        if self._large is not None:
+            aux.append(self._large)
         for handle in (*aux, self._db, self._env):
             try:
                 handle.close()
@@ -1180,6 +1345,7 @@ class Environment:
         _pin(self._env)
         _pin(self._db)
         _pin(self._aux)
+        _pin(self._large)
         self.refs = 0
         # The parent's descriptor keeps its shared lock; the child's copy need not.
         with contextlib.suppress(OSError):

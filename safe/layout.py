@@ -27,6 +27,11 @@ DB_FILE = "safe.db"
 REGISTER_FILE = "__db.register"
 # The expiry index and queues' B-trees (docs/queues.md), created on first use.
 AUX_FILE = "extra.db"
+# Values too long for a data-file page, in a B-tree of small pages (docs/footprint.md, "Large
+# values"), created on the first one.
+LARGE_FILE = "large.db"
+# The database files, the data file first: what verify, backup and restore copy and check.
+DATA_FILES = (DB_FILE, LARGE_FILE, AUX_FILE)
 WAKE_FILE = "queues.wake"  # the queues' wake-up word (safe/wake.py)
 # A safe's data is its owner's alone, whatever the umask (README, "Operating safes"): every
 # directory made to hold one is 0700 and every file in it 0600 (tests/integration/
@@ -44,8 +49,8 @@ REGION_FILES = "__db.0[0-9][0-9]"
 
 @dataclass(frozen=True)
 class DiskUsage:
-    """Bytes a safe takes on disk now: its data file, its log files, and its shared regions'
-    blocks (reservations included: docs/footprint.md)."""
+    """Bytes a safe takes on disk now: its database files (DATA_FILES), its log files, and its
+    shared regions' blocks (reservations included: docs/footprint.md)."""
 
     data: int
     log: int
@@ -65,7 +70,17 @@ def disk_usage(path: str | os.PathLike[str]) -> DiskUsage:
     """What the safe at `path` takes on disk (a log or region file removed meanwhile counts as
     nothing; no data file is an OSError: ask `is_safe` first)."""
     p = Path(path)
-    return DiskUsage(data=(p / DB_FILE).stat().st_size, log=log_bytes(p), regions=region_bytes(p))
+    data = (p / DB_FILE).stat().st_size + data_bytes(p, DATA_FILES[1:])
+    return DiskUsage(data=data, log=log_bytes(p), regions=region_bytes(p))
+
+
+def data_bytes(path: Path, names: tuple[str, ...] = DATA_FILES) -> int:
+    """Bytes of the database files `names` that exist now."""
+    total = 0
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            total += (path / name).stat().st_size
+    return total
 
 
 def log_bytes(path: Path) -> int:
@@ -89,9 +104,7 @@ def region_bytes(path: Path) -> int:
 
 def _is_safe_file(name: str) -> bool:
     """A file Berkeley DB keeps in a safe's directory: the data, its logs and the regions."""
-    return name in (DB_FILE, AUX_FILE, WAKE_FILE, "repmgr.peers") or name.startswith(
-        ("log.", "__db.")
-    )
+    return name in (*DATA_FILES, WAKE_FILE, "repmgr.peers") or name.startswith(("log.", "__db."))
 
 
 def _private(path: Path, mode: int) -> None:

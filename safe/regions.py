@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .layout import DB_FILE, REGION_FILES
+from .layout import DB_FILE, LARGE_FILE, REGION_FILES, data_bytes
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # Blocks reserved past the end of each region file for its growth (more lockers, mutexes, cache
@@ -58,10 +58,7 @@ def _reserve_regions(path: Path, env: Any, reserved: dict[str, int]) -> None:
     mpool = env.memp_stat()[0]
     cache_max = mpool.get("regmax", 0)
     mutex_max = env.mutex_stat().get("regmax", 0)
-    try:
-        data_size = os.stat(path / DB_FILE).st_size
-    except FileNotFoundError:
-        data_size = 0
+    data_size = data_bytes(path, (DB_FILE, LARGE_FILE))
     names = sorted(path.glob(REGION_FILES))
     for n, region in enumerate(names):
         fd = os.open(region, os.O_RDWR | os.O_CLOEXEC)

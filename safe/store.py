@@ -77,6 +77,7 @@ _SAMPLE_MASK = _env.READ_SAMPLE_MASK
 # First byte of a record that carries an expiry (no pickle starts with it: safe/expiry.py).
 _MARK = _expiry.MARK
 _live = _expiry.live
+_LARGE = _env.LARGE
 
 
 class _ClosedEnvironment(_env.Environment):
@@ -253,6 +254,8 @@ class Safe(MutableMapping[str, object]):
             if n & _SAMPLE_MASK:
                 try:
                     raw = environment.db_get(k)
+                    if raw == _LARGE:  # a long value, kept apart (safe/env.py, LARGE)
+                        raw = environment.get_large(k)
                 except _DBError:
                     raw = environment.call("get", self._options, environment.get, k)
             else:
@@ -283,6 +286,8 @@ class Safe(MutableMapping[str, object]):
             if n & _SAMPLE_MASK:
                 try:
                     raw = environment.db_get(k)
+                    if raw == _LARGE:  # a long value, kept apart (safe/env.py, LARGE)
+                        raw = environment.get_large(k)
                 except _DBError:
                     raw = environment.call("get", self._options, environment.get, k)
             else:
@@ -317,7 +322,7 @@ class Safe(MutableMapping[str, object]):
             environment.raise_unusable("set")
         if self._reserve:
             environment.check_space("set", self._options, len(k) + len(v))
-        if self._durable and environment.replicated is None:
+        if self._durable and environment.replicated is None and len(v) <= environment.large_min:
             # Auto-commit: one libdb call, the GIL released once. Not for a replicated safe:
             # a retry after a replication rollback must use the reopened handle, which
             # put_one looks up each time (a bound db_put would keep the dead one).
@@ -628,7 +633,7 @@ class Safe(MutableMapping[str, object]):
         """Store an already pickled value (as `raw_items` gives it), e.g. when loading a dump."""
         if not isinstance(data, bytes):
             raise TypeError(f"set_raw takes pickled bytes, got {type(data).__name__}")
-        if not data or data[0] == _MARK:
+        if not data or data[0] in (_MARK, _LARGE[0]):
             raise ValueError(f"{self.path}: set_raw takes a pickle, got {data[:16]!r}...")
         if len(data) > self._max_value_size:
             self._too_big(len(data))
@@ -727,7 +732,7 @@ class Safe(MutableMapping[str, object]):
         One transaction (the value and its expiry index entry), like `set(..., ttl=)`."""
         if not isinstance(data, bytes):
             raise TypeError(f"set_raw_until takes pickled bytes, got {type(data).__name__}")
-        if not data or data[0] == _MARK:
+        if not data or data[0] in (_MARK, _LARGE[0]):
             raise ValueError(f"{self.path}: set_raw_until takes a pickle, got {data[:16]!r}...")
         deadline = _expiry.check_deadline(expires_at)
         if len(data) > self._max_value_size:

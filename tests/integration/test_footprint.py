@@ -27,7 +27,7 @@ import pytest
 from berkeleydb import db
 from forking import fork, wait
 from helpers import small_tmpfs
-from pmnc.safe import Safe, SafeNoSpaceError, recover, verify
+from pmnc.safe import Safe, SafeNoSpaceError, disk_usage, recover, verify
 
 MiB = 1 << 20
 
@@ -239,8 +239,13 @@ def test_a_safe_created_before_keeps_its_page_size_regions_and_data(tmp_path: Pa
 def test_a_new_safe_has_32_kib_pages_and_its_data_file_follows_the_payload(
     tmp_path: Path,
 ) -> None:
+    """Keys written in key order; every database file counted (disk_usage: the data file and the
+    long values' file). Sizes from the issue and the benchmark (KB as 1,000 bytes), and the
+    long values around each overflow page's end: just over the data file's on-page limit
+    (8,175 bytes at 32 KiB) and over two and three LARGE_FILE pages, and 64 KiB exactly."""
     ratios = {}
-    for size in (100, 1000, 4000, 64000):  # KB as in the issue and the benchmark: 1,000 bytes
+    sizes = (100, 1000, 4000, 8200, 12300, 16400, 30000, 43000, 64000, 65536)
+    for size in sizes:
         path = tmp_path / f"v{size}"
         n = max(50, (4 * MiB) // size)
         with Safe.open(path, durable=False) as safe:
@@ -250,7 +255,7 @@ def test_a_new_safe_has_32_kib_pages_and_its_data_file_follows_the_payload(
                 safe.update(batch)
                 payload += sum(len(k) + len(pickle.dumps(v, 5)) for k, v in batch.items())
             safe.checkpoint()
-        ratios[size] = (path / "safe.db").stat().st_size / payload
+        ratios[size] = disk_usage(path).data / payload
         d = db.DB()
         d.open(str(path / "safe.db"), None, db.DB_UNKNOWN, db.DB_RDONLY)
         try:
@@ -258,7 +263,11 @@ def test_a_new_safe_has_32_kib_pages_and_its_data_file_follows_the_payload(
         finally:
             d.close()
     print("\ndata file / payload: " + ", ".join(f"{k} B {v:.2f}" for k, v in ratios.items()))
-    assert all(r <= 1.5 for r in ratios.values()), ratios
+    # Just over the on-page limit a value takes three of LARGE_FILE's 4 KiB pages for 8.2 KB:
+    # 1.52x, the one cell over 1.5x (2 KiB pages would make it 1.27x, at a cost measured in
+    # docs/footprint.md, "Large values"). Before LARGE_FILE it was a 32 KiB page: 4x.
+    assert ratios[8200] <= 1.55, ratios
+    assert all(r <= 1.5 for size, r in ratios.items() if size != 8200), ratios
 
 
 def test_recovery_after_kill_9_of_a_writer_on_the_new_regions(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from berkeleydb import db
 from pmnc.safe import Safe, expiry
+from pmnc.safe import env as safe_env
 
 SHORT = 0.15  # seconds: long enough to read the key before it expires on a loaded machine
 
@@ -36,8 +37,12 @@ def index_entries(s: Safe) -> int:
     return len(s._env.aux_scan(None, "expiry", None, 10_000))
 
 
-@pytest.fixture
-def safe(tmp_path: Path):
+@pytest.fixture(params=["values", "long values"])
+def safe(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Each test twice: as it is, and with every value over 16 bytes kept in the long values'
+    file (safe/env.py, LARGE), where an expiring value's deadline is kept with it."""
+    if request.param == "long values":
+        monkeypatch.setattr(safe_env, "on_page_limit", lambda page_size: 16)
     with Safe.open(tmp_path / "s") as s:
         yield s
 
@@ -145,11 +150,13 @@ def test_setting_a_new_ttl_replaces_the_old_one(safe: Safe) -> None:
 
 
 def test_the_purge_reclaims_expired_records_in_the_background(safe: Safe) -> None:
+    # 250 durable writes take longer than SHORT on a loaded machine (seen in a full run): a
+    # second, so that all of them are still there to be counted before they expire.
     for i in range(250):  # more than one purge batch
-        safe.set(f"k{i:03}", i, ttl=SHORT)
+        safe.set(f"k{i:03}", i, ttl=1.0)
     safe["stays"] = 1
     assert records(safe) == 251 and len(safe) == 251
-    time.sleep(SHORT + 0.05)
+    time.sleep(1.05)
     assert len(safe) == 1  # counted out at once, purged or not
     deadline = time.monotonic() + 10
     while records(safe) > 1 and time.monotonic() < deadline:

@@ -16,12 +16,17 @@ from pathlib import Path
 
 import pytest
 from pmnc.safe import Safe, SafeClosedError, SafeError
+from pmnc.safe import env as safe_env
 
 SEED = {(None,): [1, "bar", Decimal("1.0")]}
 
 
-@pytest.fixture
-def safe(tmp_path: Path):
+@pytest.fixture(params=["values", "long values"])
+def safe(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Each test twice: as it is, and with every value over 16 bytes kept in the long values'
+    file (safe/env.py, LARGE), so that each path through it is the same mapping."""
+    if request.param == "long values":
+        monkeypatch.setattr(safe_env, "on_page_limit", lambda page_size: 16)
     with Safe.open(tmp_path / "node1.demo.mod") as s:
         yield s
 

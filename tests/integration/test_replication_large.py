@@ -1,0 +1,60 @@
+"""Long values on a replicated safe (safe/env.py, LARGE): their file is created by the master
+and reaches the clients through the log like the data file; a client reads them, and after a
+failover the new master serves and replaces them. Real sites (tests/integration/repsite.py)."""
+
+from __future__ import annotations
+
+import signal
+
+from tests.integration.test_replication_safe import (  # noqa: F401  (group is a fixture)
+    Group,
+    group,
+    put_stream,
+    the_master,
+    wait_for,
+)
+
+LONG = "L" * 20_000  # over the data file's on-page limit (8,175 bytes at 32 KiB pages)
+
+
+def test_long_values_replicate_and_survive_a_failover(group: Group) -> None:  # noqa: F811
+    sites = group(3)
+    master, _ = the_master(sites)
+    assert master.main.ask("set", "long", LONG) == {"ok": True}
+    assert master.main.ask("set", "short", "s") == {"ok": True}
+    writer = master.start()
+    writer.send("put_many", "k", 40, 12_000)
+    acked, errors, finished = put_stream(writer)
+    assert finished and len(acked) == 40, (len(acked), errors)
+    for site in sites:
+        wait_for(
+            f"{site.path.name} reads the long values",
+            lambda s=site: (  # type: ignore[misc]
+                s.main.ask("get", "long")["value"] == LONG
+                and not s.main.ask("missing", "k", 40)["missing"]
+            ),
+            10.0,
+        )
+        assert (site.path / "large.db").exists()
+
+    for proc in master.procs:
+        proc.signal(signal.SIGKILL)
+    master.kill()
+    survivors = [s for s in sites if s is not master]
+    new, _ = the_master(survivors)
+    assert new.main.ask("get", "long")["value"] == LONG
+    wait_for(
+        "the new master replaces a long value (acknowledged)",
+        lambda: new.main.ask("set", "long", "short now") == {"ok": True},
+        10.0,
+    )
+    assert new.main.ask("set", "short", LONG * 2) == {"ok": True}
+    for site in survivors:
+        wait_for(
+            f"{site.path.name} reads the replaced values",
+            lambda s=site: (  # type: ignore[misc]
+                s.main.ask("get", "long")["value"] == "short now"
+                and s.main.ask("get", "short")["value"] == LONG * 2
+            ),
+            10.0,
+        )
