@@ -362,72 +362,60 @@ def on_page_limit(page_size: int) -> int:
     return (page_size - 26) // 4 - 10
 
 
-def _open_large(path: Path, env: Any) -> Any:
-    """Open (creating on first use) LARGE_FILE. As for AUX_FILE, creation is transactional and
-    a creation that lost a race to another process is retried once the file is there."""
-    for attempt in range(50):
-        handle = db.DB(env)
-        try:
-            handle.set_flags(db.DB_CHKSUM)
-            if not (path / LARGE_FILE).exists():
-                handle.set_pagesize(LARGE_PAGE_SIZE)
-            handle.open(LARGE_FILE, None, db.DB_BTREE, DB_OPEN_FLAGS | db.DB_CREATE, 0o600)
-        except (db.DBFileExistsError, *_RETRYABLE) as e:
-            with contextlib.suppress(db.DBError):
-                handle.close()
-            if attempt == 49:
-                raise translate(path, f"open {LARGE_FILE}", e) from e
-            time.sleep(0.01)
-            continue
-        except db.DBError as e:
-            with contextlib.suppress(db.DBError):
-                handle.close()
-            raise translate(path, f"open {LARGE_FILE}", e) from e
-        _private(path / LARGE_FILE, FILE_MODE)
-        return handle
-    raise AssertionError("unreachable")
-
-
 def _purge_body(e: Environment, txn: Any, *, now: float) -> int:
     return _expiry.purge_step(e, txn, now)
 
 
-def _open_aux(path: Path, env: Any) -> dict[str, Any]:
-    """Open (creating on first use) the expiry index and queues' B-trees in AUX_FILE.
+def _open_created(path: Path, env: Any, file: str, name: str | None, page_size: int) -> Any:
+    """Open database `name` of `file` (None: the file's one database), creating the file with
+    `page_size` pages on first use.
 
     Creation is transactional (DB_AUTO_COMMIT), so processes creating it at once agree on one
     file; a creation that lost a race to another process is retried once it is there.
     """
+    for attempt in range(50):
+        handle = db.DB(env)
+        try:
+            handle.set_flags(db.DB_CHKSUM)
+            if not (path / file).exists():
+                handle.set_pagesize(page_size)
+            handle.open(file, name, db.DB_BTREE, DB_OPEN_FLAGS | db.DB_CREATE, 0o600)
+        except (db.DBFileExistsError, *_RETRYABLE):
+            with contextlib.suppress(db.DBError):
+                handle.close()
+            if attempt == 49:
+                raise
+            time.sleep(0.01)
+            continue
+        except BaseException:
+            with contextlib.suppress(db.DBError):
+                handle.close()
+            raise
+        _private(path / file, FILE_MODE)
+        return handle
+    raise AssertionError("unreachable")
+
+
+def _open_aux(path: Path, env: Any) -> dict[str, Any]:
+    """Open (creating on first use) the expiry index and queues' B-trees in AUX_FILE."""
     handles: dict[str, Any] = {}
     try:
         for name in AUX_DATABASES:
-            for attempt in range(50):
-                handle = db.DB(env)
-                try:
-                    handle.set_flags(db.DB_CHKSUM)
-                    if not (path / AUX_FILE).exists():
-                        handle.set_pagesize(AUX_PAGE_SIZE)
-                    handle.open(AUX_FILE, name, db.DB_BTREE, DB_OPEN_FLAGS | db.DB_CREATE, 0o600)
-                except (db.DBFileExistsError, *_RETRYABLE):
-                    with contextlib.suppress(db.DBError):
-                        handle.close()
-                    if attempt == 49:
-                        raise
-                    time.sleep(0.01)
-                    continue
-                except BaseException:
-                    with contextlib.suppress(db.DBError):
-                        handle.close()
-                    raise
-                handles[name] = handle
-                break
+            handles[name] = _open_created(path, env, AUX_FILE, name, AUX_PAGE_SIZE)
     except db.DBError as e:
         for handle in handles.values():
             with contextlib.suppress(db.DBError):
                 handle.close()
         raise translate(path, f"open {AUX_FILE}", e) from e
-    _private(path / AUX_FILE, FILE_MODE)
     return handles
+
+
+def _open_large(path: Path, env: Any) -> Any:
+    """Open (creating on first use) LARGE_FILE's B-tree."""
+    try:
+        return _open_created(path, env, LARGE_FILE, None, LARGE_PAGE_SIZE)
+    except db.DBError as e:
+        raise translate(path, f"open {LARGE_FILE}", e) from e
 
 
 def translate(path: Path, what: str, e: BaseException) -> SafeError:
