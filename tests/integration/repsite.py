@@ -14,6 +14,7 @@ open, then answers one JSON line per command line:
   Lines are printed as each write returns, so that a test that kills this process with
   kill -9 still reads every write that was acknowledged before it died;
 - ["missing", prefix, n]: {"missing": keys of prefix0..prefix{n-1} that are absent here};
+- ["spin_reads", seconds]: reads without pause in a thread for `seconds` (a busy worker);
 - ["count"]: {"count": len(safe)};
 - ["checkpoint"]: checkpoints, then {"logs": the log files left in the directory};
 - ["stat"]: {"info": replication(), "count": len(safe), "logs": log files}.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,21 @@ def put_many(safe: Safe, prefix: str, n: int, size: int) -> dict[str, Any]:
             ok += 1
             say({"k": key})
     return {"done": True, "ok": ok, "errors": errors, "s": time.monotonic() - started}
+
+
+def spin_reads(safe: Safe, seconds: float) -> None:
+    """Read without pause for `seconds` in a thread of its own, so that this process nearly
+    always has a Berkeley DB call in flight (what a busy worker has)."""
+
+    def spin() -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                safe.get("spin")
+            except SafeError:
+                time.sleep(0.01)
+
+    threading.Thread(target=spin, daemon=True).start()
 
 
 def wait_for(safe: Safe, ready: Any, seconds: float) -> dict[str, Any] | None:
@@ -104,6 +121,9 @@ def main() -> None:
                 answer = {
                     "missing": [f"{prefix}{i}" for i in range(n) if f"{prefix}{i}" not in safe]
                 }
+            elif command[0] == "spin_reads":
+                spin_reads(safe, command[1])
+                answer = {"ok": True}
             elif command[0] == "count":
                 answer = {"count": len(safe)}
             elif command[0] == "checkpoint":
