@@ -78,6 +78,8 @@ _SAMPLE_MASK = _env.READ_SAMPLE_MASK
 _MARK = _expiry.MARK
 _live = _expiry.live
 _LARGE = _env.LARGE
+# The first byte of a hot read's record from which it is not a bare pickle: LARGE or _MARK.
+_SPECIAL = min(_LARGE[0], _MARK)
 
 
 class _ClosedEnvironment(_env.Environment):
@@ -242,30 +244,19 @@ class Safe(MutableMapping[str, object]):
         environment = self._env
         n = next(environment.read_count)
         try:
-            if not environment.usable:
-                environment.raise_unusable("get")
-            if type(key) is str:
+            if n & _SAMPLE_MASK and environment.usable and type(key) is str:
                 try:
-                    k = key.encode()
-                except UnicodeEncodeError:
-                    k = key.encode("utf-8", "surrogatepass")
+                    raw = environment.db_get(key.encode())
+                except (UnicodeEncodeError, _DBError):
+                    raw = self._hot_read(environment, n, key)
             else:
-                k = _encode_key(key)
-            if n & _SAMPLE_MASK:
-                try:
-                    raw = environment.db_get(k)
-                    if raw == _LARGE:  # a long value, kept apart (safe/env.py, LARGE)
-                        raw = environment.get_large(k)
-                except _DBError:
-                    raw = environment.call("get", self._options, environment.get, k)
-            else:
-                raw = environment.call("get", self._options, environment.get, k)
+                raw = self._hot_read(environment, n, key)
         finally:
             next(environment.read_done)
         if raw is None:
             raise KeyError(key)
-        if raw[0] == _MARK:  # an expiring value: absent once its time has passed
-            raw = _live(raw)
+        if raw[0] >= _SPECIAL:  # a long value or an expiring one: one comparison for both
+            raw = self._special(raw, key)
             if raw is None:
                 raise KeyError(key)
         return _loads(raw)
@@ -274,33 +265,50 @@ class Safe(MutableMapping[str, object]):
         environment = self._env
         n = next(environment.read_count)
         try:
-            if not environment.usable:
-                environment.raise_unusable("get")
-            if type(key) is str:
+            if n & _SAMPLE_MASK and environment.usable and type(key) is str:
                 try:
-                    k = key.encode()
-                except UnicodeEncodeError:
-                    k = key.encode("utf-8", "surrogatepass")
+                    raw = environment.db_get(key.encode())
+                except (UnicodeEncodeError, _DBError):
+                    raw = self._hot_read(environment, n, key)
             else:
-                k = _encode_key(key)
-            if n & _SAMPLE_MASK:
-                try:
-                    raw = environment.db_get(k)
-                    if raw == _LARGE:  # a long value, kept apart (safe/env.py, LARGE)
-                        raw = environment.get_large(k)
-                except _DBError:
-                    raw = environment.call("get", self._options, environment.get, k)
-            else:
-                raw = environment.call("get", self._options, environment.get, k)
+                raw = self._hot_read(environment, n, key)
         finally:
             next(environment.read_done)
         if raw is None:
             return default
-        if raw[0] == _MARK:
-            raw = _live(raw)
+        if raw[0] >= _SPECIAL:  # a long value or an expiring one: one comparison for both
+            raw = self._special(raw, key)
             if raw is None:
                 return default
         return _loads(raw)
+
+    def _hot_read(self, environment: _env.Environment, n: int, key: object) -> bytes | None:
+        """The hot reads' other path, inside their count: a closed or unusable safe, a key
+        that is not a str or needs surrogatepass, a failed attempt (done again through the
+        funnel, which retries, bounds and translates), and the one read in READ_SAMPLE_EVERY
+        that the funnel times."""
+        if not environment.usable:
+            environment.raise_unusable("get")
+        k = _encode_key(key)
+        if n & _SAMPLE_MASK:
+            try:
+                raw: bytes | None = environment.db_get(k)
+            except _DBError:
+                pass
+            else:
+                return raw
+        return environment.call("get", self._options, environment.get, k)
+
+    def _special(self, raw: bytes, key: object) -> bytes | None:
+        """What a hot read's record stands for, when it begins with 0xFE or 0xFF: a long value
+        (LARGE, looked up in its file through the funnel, which counts it for close()), or an
+        expiring one (None once its time has passed)."""
+        if raw == _LARGE:
+            environment = self._env
+            k = _encode_key(key)
+            value = environment.call("get", self._options, environment.get_large, k)
+            return None if value is None else _live(value)
+        return _live(raw)
 
     def __contains__(self, key: object) -> bool:
         raw = self._read("contains", _encode_key(key))
