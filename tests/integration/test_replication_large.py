@@ -58,3 +58,22 @@ def test_long_values_replicate_and_survive_a_failover(group: Group) -> None:  # 
             ),
             10.0,
         )
+
+
+def test_a_long_write_on_a_client_is_refused_as_not_master_before_any_long_value_exists(
+    group: Group,  # noqa: F811
+) -> None:
+    """Only a master creates `large.db`: a client asked to write the group's first long value
+    must say "not master" (naming the master), which the runtime forwards, not fail to open a
+    file it cannot create (found by a review: a plain SafeError, never forwarded)."""
+    sites = group(3)
+    master, _ = the_master(sites)
+    client = next(s for s in sites if s is not master)
+    assert not (client.path / "large.db").exists()
+    refused = client.main.ask("set", "long", LONG)
+    assert refused["error"] == "SafeNotMasterError", refused
+    assert refused["master"] == master.address
+    assert master.main.ask("set", "long", LONG) == {"ok": True}
+    wait_for("large.db reaches the client", (client.path / "large.db").exists, 10.0)
+    refused = client.main.ask("set", "long2", LONG)
+    assert refused["error"] == "SafeNotMasterError", refused
