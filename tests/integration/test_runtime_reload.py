@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from helpers import Client, Node, once, worker_pids, write_modules
+from helpers import Client, Node, once, wait_gone, worker_pids, write_modules
 
 VERSION = "def version():\n    return {n}\n"
 
@@ -92,10 +92,15 @@ def test_sighup_applies_a_changed_config_and_a_new_module(
     node = node_factory(directory, workers=2, threads=2).start()
     write_modules(directory, {"extra": "def put(v):\n    pmnc_safe['v'] = v\n    return v\n"})
     node.config.write_text(node.config.read_text().replace("workers: 2", "workers: 3"))
+    old = worker_pids(node.pid)
     mark = node.log_size()
     node.signal(signal.SIGHUP)
     text = node.wait_log("reloaded", 15, since=mark)
     assert "2 module(s) app, extra" in text and "3 worker(s)" in text
+    # "reloaded" is logged as the old generation is told to stop; until each old worker has
+    # read that, it may still take a new connection (a full run once got the old code's 404
+    # 1 ms after the line). Once they are gone, every call sees the new module.
+    assert wait_gone(old, node.pid, 10)
     assert once(node.port, "extra", "put", v=7) == 7
     deadline = time.monotonic() + 10
     while len(worker_pids(node.pid)) != 3 and time.monotonic() < deadline:
