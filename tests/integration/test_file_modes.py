@@ -66,12 +66,17 @@ def _mode(path: Path) -> int:
 
 
 def _walk(root: Path) -> dict[Path, int]:
-    """Every directory and file under `root` (itself included) with its mode bits."""
+    """Every directory and file under `root` (itself included) with its mode bits. A file
+    listed and gone before its look (a log file a live node's checkpoint removed: seen once
+    under load) has no mode to check."""
     found = {root: os.lstat(root).st_mode}
     for directory, dirs, files in os.walk(root):
         for name in dirs + files:
             path = Path(directory) / name
-            found[path] = os.lstat(path).st_mode
+            try:
+                found[path] = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
     return found
 
 
