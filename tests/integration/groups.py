@@ -24,6 +24,22 @@ def eventually(check: Callable[[], object], timeout: float = 10.0, what: str = "
         time.sleep(0.05)
 
 
+def put_acknowledged(client: Client, key: str, value: object, timeout: float = 10.0) -> None:
+    """kv.put until the group acknowledges it. A put is idempotent, so a write that came back
+    SafeNotAcknowledgedError (committed on the master, outcome unknown: README, "Replicated
+    safes") may simply be sent again; on a loaded machine the first writes of a group just
+    formed or just rejoined can take longer than the 1 s ack timeout (seen running the
+    integration suite twice at once). Anything else fails at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        code, body = client.call("kv", "put", key=key, value=value)
+        if code == 200:
+            return
+        unacknowledged = code == 500 and "SafeNotAcknowledgedError" in str(body)
+        assert unacknowledged and time.monotonic() < deadline, (code, body)
+        time.sleep(0.1)
+
+
 def get(node: NodeProcess, path: str) -> bytes:
     """The body of a GET that must answer 200."""
     client = Client(port=node.port, timeout=5)

@@ -33,7 +33,13 @@ from pmnc.runtime.harness import (
 )
 
 from tests.helpers import EXAMPLES
-from tests.integration.groups import FAILOVER_S, eventually, master_of, replication
+from tests.integration.groups import (
+    FAILOVER_S,
+    eventually,
+    master_of,
+    put_acknowledged,
+    replication,
+)
 
 
 def test_any_node_takes_writes_and_the_master_answers(
@@ -171,7 +177,7 @@ def test_the_group_creator_restarted_without_its_data_joins_the_group(
     creator = min(group, key=base)
     others = [n for n in group if n is not creator]
     for i in range(10):
-        connect(others[0]).result("kv", "put", key=f"k{i}", value=i)
+        put_acknowledged(connect(others[0]), f"k{i}", i)
     creator.kill_group()
     data = load_config(creator.config).data_dir
     shutil.rmtree(data)
@@ -184,7 +190,7 @@ def test_the_group_creator_restarted_without_its_data_joins_the_group(
         eventually(lambda n=node: replication(n, "kv")["role"] in ("master", "client"), 10)
     masters = {replication(n, "kv")["master"] for n in group}
     assert len(masters) == 1, masters  # one group: every node names the same master
-    assert connect(creator).result("kv", "put", key="after", value=1) is None
+    put_acknowledged(connect(creator), "after", 1)
     eventually(lambda: connect(others[1]).result("kv", "get", key="after") == 1, 10)
 
 
