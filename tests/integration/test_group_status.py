@@ -28,6 +28,9 @@ from tests.integration.groups import eventually, get, replication
 # A write on the master shows as caught up (lag 0, a fresh look) within this: a look every 2 s,
 # a worker's report every 1 s; 10 s was once too short in a full run on 2 loaded cores.
 LAG_S = 15.0
+# Bytes of log a caught-up client may still show behind a look at its master: a few records
+# the master wrote after the test's writes (checkpoints), not the 20 KB of the writes.
+LAG_SLACK = 1024
 
 
 def name(node: NodeProcess) -> str:
@@ -80,8 +83,17 @@ def test_a_client_shows_its_master_node_and_catches_up_to_zero_lag(
         def caught_up(node: NodeProcess = node, seen: dict[str, Any] = seen) -> bool:
             seen.update(replication(node, "kv"))
             look = seen.get("master_lsn")
-            # A look at the master taken after the writes, and this copy caught up with it.
-            return look is not None and look >= written and seen["lag_bytes"] == 0
+            # A look at the master taken after the writes, this copy past them, and at most
+            # LAG_SLACK behind the look: the master's log does not stand still after the
+            # writes (a worker that makes way checkpoints as it closes, and a checkpoint logs
+            # each open file: a full run saw 92 bytes at every look for 15 s).
+            return (
+                look is not None
+                and look >= written
+                and seen["lsn"] >= written
+                and isinstance(seen.get("lag_bytes"), int)
+                and seen["lag_bytes"] <= LAG_SLACK
+            )
 
         try:
             eventually(caught_up, LAG_S)
@@ -90,7 +102,7 @@ def test_a_client_shows_its_master_node_and_catches_up_to_zero_lag(
         assert seen["role"] == "client"
         assert seen["master_node"] == name(master)
         assert 0 <= seen["lag_checked_s"] < 5, seen
-        assert log_distance(seen["master_lsn"], seen["lsn"]) == 0
+        assert log_distance(seen["master_lsn"], seen["lsn"]) == seen["lag_bytes"]
 
         # The same figures in /metrics (a master's checkpoint between two looks may show a
         # passing lag: 0 again within a look or two).
@@ -98,7 +110,8 @@ def test_a_client_shows_its_master_node_and_catches_up_to_zero_lag(
 
         def no_lag(node: NodeProcess = node, figures: dict[str, float] = figures) -> bool:
             figures.update(gauges(node, "kv"))
-            return figures.get("pmnc_safe_replication_lag_bytes") == 0
+            lag = figures.get("pmnc_safe_replication_lag_bytes")
+            return lag is not None and lag <= LAG_SLACK
 
         eventually(no_lag, LAG_S)
         assert figures["pmnc_safe_replication_master"] == 0
