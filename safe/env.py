@@ -764,23 +764,29 @@ class Environment:
 
     def read(self, what: str, options: Options, key: bytes) -> bytes | None:
         """A plain read, counted (and one in READ_SAMPLE_EVERY timed) like Safe.get's inlined
-        copy of this path. A failed attempt is done again through `call`, which retries,
-        bounds and translates."""
+        copy of this path."""
         n = next(self.read_count)  # counted before the check: see close
         try:
             if not self.usable:
                 self.raise_unusable(what)
-            if n & READ_SAMPLE_MASK:
-                try:
-                    value: bytes | None = self.db_get(key)
-                    if value == LARGE:
-                        value = self.get_large(key)
-                except db.DBError:
-                    return self.call(what, options, self.get, key)
-                return value
-            return self.call(what, options, self.get, key)
+            return self.read_counted(what, options, n, key)
         finally:
             next(self.read_done)
+
+    def read_counted(self, what: str, options: Options, n: int, key: bytes) -> bytes | None:
+        """A plain read inside a count its caller took (`n`, from read_count) on a usable
+        environment: one in READ_SAMPLE_EVERY through the funnel, to be timed; the others
+        straight, and done again through the funnel (which retries, bounds and translates)
+        when they fail. Also Safe's hot reads' slow path."""
+        if n & READ_SAMPLE_MASK:
+            try:
+                value: bytes | None = self.db_get(key)
+                if value == LARGE:
+                    value = self.get_large(key)
+            except db.DBError:
+                return self.call(what, options, self.get, key)
+            return value
+        return self.call(what, options, self.get, key)
 
     def raise_unusable(self, what: str) -> None:
         if self.generation != _fork_generation or self.pid != os.getpid():

@@ -284,20 +284,11 @@ class Safe(MutableMapping[str, object]):
 
     def _hot_read(self, environment: _env.Environment, n: int, key: object) -> bytes | None:
         """The hot reads' other path, inside their count: a closed or unusable safe, a key
-        that is not a str or needs surrogatepass, a failed attempt (done again through the
-        funnel, which retries, bounds and translates), and the one read in READ_SAMPLE_EVERY
-        that the funnel times."""
+        that is not a str or needs surrogatepass, a failed attempt, and the one read in
+        READ_SAMPLE_EVERY that the funnel times (Environment.read_counted)."""
         if not environment.usable:
             environment.raise_unusable("get")
-        k = _encode_key(key)
-        if n & _SAMPLE_MASK:
-            try:
-                raw: bytes | None = environment.db_get(k)
-            except _DBError:
-                pass
-            else:
-                return raw
-        return environment.call("get", self._options, environment.get, k)
+        return environment.read_counted("get", self._options, n, _encode_key(key))
 
     def _special(self, raw: bytes, key: object) -> bytes | None:
         """What a hot read's record stands for, when it begins with 0xFE or 0xFF: a long value
