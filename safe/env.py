@@ -936,15 +936,6 @@ class Environment:
 
     def put(self, txn: Any, key: bytes, value: bytes) -> None:
         if len(value) > self.large_min:
-            # Only a master creates files: on a client the open would fail (ENOENT) before the
-            # write could, and the caller must hear "not master" to forward the call.
-            if (
-                self._large is None
-                and self.replicated is not None
-                and not self.large_exists()
-                and not self.is_master()
-            ):
-                raise self._not_master("set")
             self.large().put(key, value, txn=txn)
             self._db.put(key, LARGE, txn=txn)
             return
@@ -1028,10 +1019,16 @@ class Environment:
         return self._large is not None or os.path.exists(self.path / LARGE_FILE)
 
     def large(self) -> Any:
-        """LARGE_FILE's B-tree, opened (and created) on first use."""
+        """LARGE_FILE's B-tree, opened (and created) on first use.
+
+        Only a master creates files: where a replicated safe is a client and the file is not
+        there yet (no long value was ever written), the open would fail (ENOENT) and a write
+        that needs it must say "not master", so that the runtime forwards it."""
         handle = self._large
         if handle is not None:
             return handle
+        if self.replicated is not None and not self.large_exists() and not self.is_master():
+            raise self._not_master("write")
         with self._aux_lock:
             if self._large is None:
                 self._large = _open_large(self.path, self._env)
