@@ -151,8 +151,9 @@ class _Counters:
         self.safe_buckets: list[float] = []
         # (safe, queue) -> {"deliveries": n, "redeliveries": n}: per-process counts, summed.
         self.queue_counts: dict[tuple[str, str], dict[str, int]] = {}
-        # Replicated safes only: commits that did not get their acknowledgements, per process
-        # (`Safe.replication()["perm_failed"]`), summed.
+        # Replicated safes only: commits reported SafeNotAcknowledgedError, per process, summed:
+        # acknowledgements missing (`Safe.replication()["perm_failed"]`) or acknowledged but not
+        # confirmed by the fence (`["fence_refused"]`, safe/fence.py). Kept as "perm_failed".
         self.not_acknowledged: dict[str, int] = {}
 
     def add(self, figures: Mapping[str, Any]) -> None:
@@ -174,7 +175,7 @@ class _Counters:
             self.safe_retries[name] = self.safe_retries.get(name, 0) + safe.get("retries", 0)
             replication = safe.get("replication")
             if isinstance(replication, Mapping):
-                n = replication.get("perm_failed", 0)
+                n = replication.get("perm_failed", 0) + replication.get("fence_refused", 0)
                 self.not_acknowledged[name] = self.not_acknowledged.get(name, 0) + n
             for queue, q in safe.get("queues", {}).items():
                 counts = self.queue_counts.setdefault((name, queue), {})

@@ -86,7 +86,7 @@ from .layout import (
 )
 from .regions import _reserve_regions
 from .register import _alive, _registrants
-from .replication import Replicated, Replication
+from .replication import FENCE_OBSERVE_TICKS, Replicated, Replication
 from .stats import _Stats
 from .wake import Wake
 
@@ -609,10 +609,13 @@ class Environment:
             started = time.perf_counter_ns()
             attempt = 0
             replicated = self.replicated
+            fence_gen = -1
             while True:
                 if replicated is not None:
                     replicated.clear()
                     generation = self._db_generation
+                    if replicated.fence is not None and replicated.writing():
+                        fence_gen = self._generation_now()
                 try:
                     result = body(*args)
                 except _RETRYABLE as e:
@@ -635,6 +638,8 @@ class Environment:
                     if replicated.failed():
                         self.stats.error(what)
                         raise self._not_acknowledged(what)
+                    if fence_gen >= 0:
+                        self._confirm(what, fence_gen)
                 self.stats.record(what, time.perf_counter_ns() - started, attempt)
                 return result
         finally:
@@ -666,6 +671,26 @@ class Environment:
                     "start the group's other nodes; nothing was written",
                     master=None,
                 )
+
+    def _generation_now(self) -> int:
+        """This site's replication generation, read before a write that the fence confirms
+        (-1 if it cannot be read: the write then goes unconfirmed, as not acknowledged)."""
+        assert self.replicated is not None
+        try:
+            return self.replicated.state(self._env).gen
+        except db.DBError:
+            return -1
+
+    def _confirm(self, what: str, gen: int) -> None:
+        """Raise SafeNotAcknowledgedError unless the peers confirm a write the group
+        acknowledged at generation `gen` (safe/fence.py says why and how)."""
+        replicated = self.replicated
+        assert replicated is not None and replicated.fence is not None
+        env = self._env
+        why = replicated.fence.confirm(gen, lambda: replicated.state(env))
+        if why is not None:
+            self.stats.error(what)
+            raise self._not_acknowledged(what, why)
 
     def _replication_retry(self, e: BaseException, generation: int) -> bool:
         """Whether a failed attempt on a replicated safe is worth another: repmgr busy with
@@ -716,14 +741,19 @@ class Environment:
             master=master,
         )
 
-    def _not_acknowledged(self, what: str) -> SafeNotAcknowledgedError:
+    def _not_acknowledged(self, what: str, fenced: str | None = None) -> SafeNotAcknowledgedError:
         assert self.replicated is not None
         config = self.replicated.config
+        why = (
+            f"not acknowledged by the group (ack: {config.ack}) within the ack timeout: a "
+            "failover before the others catch up may lose it"
+            if fenced is None
+            else f"acknowledged, but not confirmed by the peers: {fenced}"
+        )
         return SafeNotAcknowledgedError(
             self.path,
             what,
-            f"committed on this site, but not acknowledged by the group (ack: {config.ack}) "
-            "within the ack timeout: a failover before the others catch up may lose it",
+            f"committed on this site, {why}",
             "check that enough nodes of the group are up; read the key back before retrying "
             "a write that is not idempotent",
         )
@@ -1243,6 +1273,8 @@ class Environment:
                     if replicated.sweep_due or ticks < 50 or ticks % NODELAY_TICKS == 0:
                         replicated.nodelay_sweep()
                     replicated.check_connections(self._env)
+                    if ticks % FENCE_OBSERVE_TICKS == 0:
+                        replicated.observe(self._env)
                 if ticks % PURGE_TICKS == 0 and self.is_master():
                     self.purge_expired()
                 if ticks % SWEEP_TICKS == 0 and self.large_min < sys.maxsize and self.is_master():
@@ -1310,6 +1342,8 @@ class Environment:
         while self.in_flight() > 0 and time.monotonic() < deadline:
             time.sleep(0.005)
         busy = self.in_flight() > 0
+        if self.replicated is not None:
+            self.replicated.close()  # stops answering the peers' fence questions
         if busy and not self.panic_cause:
             self.panic_cause = "calls still running in other threads at close"
         if busy:

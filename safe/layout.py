@@ -104,7 +104,9 @@ def region_bytes(path: Path) -> int:
 
 def _is_safe_file(name: str) -> bool:
     """A file Berkeley DB keeps in a safe's directory: the data, its logs and the regions."""
-    return name in (*DATA_FILES, WAKE_FILE, "repmgr.peers") or name.startswith(("log.", "__db."))
+    return name in (*DATA_FILES, WAKE_FILE, "repmgr.peers", "repmgr.fence") or name.startswith(
+        ("log.", "__db.")
+    )
 
 
 def _private(path: Path, mode: int) -> None:

@@ -21,6 +21,8 @@ fact with the test that proves it (tests/integration/test_replication_safe.py):
   peer's delayed ACK (~40 ms). `nodelay_sweep` sets it on this process's sockets (after a
   connection event, and on a timer for subordinates, which see few events).
 - A write on a client raises DBAccessError (BDB0111); `rep_stat()` says who is master.
+- libdb's elections do not fence an old master out: an acknowledged quorum write could be rolled
+  back with no site lost. Such writes are confirmed with the peers first (safe/fence.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 
 from berkeleydb import db
 
+from .fence import Fence, Responder, SiteState, state_of
 from .layout import LOG_FILE_SIZE
 
 log = logging.getLogger("pmnc.safe")
@@ -67,6 +70,13 @@ START_RETRY_S = 0.1
 START_TIMEOUT_S = 10.0
 # How long a subordinate's open waits for its own connections to the peers (see above).
 SUBORDINATE_CONNECT_S = 3.0
+# How long a site that won an election counts as about to declare itself master when it never
+# says it did (safe/fence.py): far beyond the whole-second lockout sleeps a takeover waits out.
+TAKEOVER_S = 60.0
+# Where a master's replication process publishes the peers' election generations it saw
+# settled (safe/fence.py, `Fence.observe`), and how often it looks (in maintenance ticks).
+FENCE_FILE = "repmgr.fence"
+FENCE_OBSERVE_TICKS = 10
 # Where the replication process publishes the sites it is connected to (check_connections).
 PEERS_FILE = "repmgr.peers"
 _MASTER = 2  # rep_stat()["status"] values (DB_REP_MASTER, DB_REP_CLIENT)
@@ -141,6 +151,18 @@ class Replicated:
         self._published: frozenset[int] | None = None
         self.unconnected_since: float | None = None  # monotonic time `connected` was cleared
         self.formed = False  # the group has the sites its ack policy needs (`missing_sites`)
+        # Quorum writes are confirmed with the peers before they count as acknowledged
+        # (safe/fence.py); the replication process answers the peers' questions.
+        fenced = config.ack == "quorum" and len(config.peers) >= 2
+        self.fence = Fence(config.peers, path / FENCE_FILE) if fenced else None
+        self._responder: Responder | None = None
+        # An election this site won and has not yet followed by becoming master: it may still
+        # declare itself, whatever it follows now (safe/fence.py). Known from this process's
+        # events (the replication process runs the elections), and from the count of elections
+        # won, which libdb raises a moment before the event fires.
+        self._won_before = 0  # elections won in the region before this process started repmgr
+        self._elected = 0  # DB_EVENT_REP_ELECTED seen here
+        self._taking_over: float | None = None  # since when (monotonic), until DB_EVENT_REP_MASTER
 
     # -- before open ------------------------------------------------------------------------------
 
@@ -171,6 +193,7 @@ class Replicated:
             finally:
                 site.close()
         deadline = time.monotonic() + START_TIMEOUT_S
+        self._won_before = int(env.rep_stat()["elections_won"])
         while True:
             try:
                 env.repmgr_start(START_THREADS, db.DB_REP_ELECTION)
@@ -188,7 +211,38 @@ class Replicated:
                     return
                 raise
             self.primary = True
+            self._answer_fences(env)
             return
+
+    def observe(self, env: Any) -> None:
+        """On a master's replication process, every FENCE_OBSERVE_TICKS: see the peers settled
+        and note it for the site's processes (`Fence.observe`)."""
+        if not self.primary or self.fence is None:
+            return
+        own = self.state(env)
+        if own.role == _MASTER:
+            self.fence.observe(own.gen, lambda: self.state(env))
+
+    def _answer_fences(self, env: Any) -> None:
+        try:
+            self._responder = Responder(self.config.local, lambda: self.own_state(env))
+        except OSError as e:
+            # The peers then count this site as silent: their quorum writes are confirmed by
+            # the others, or reported not acknowledged.
+            log.warning(
+                "%s: cannot answer the peers' fence questions on %s: %s",
+                self.name,
+                self.config.local,
+                e,
+            )
+
+    def close(self) -> None:
+        """Stop answering the peers and asking them (the environment is closing)."""
+        if self._responder is not None:
+            self._responder.close()
+            self._responder = None
+        if self.fence is not None:
+            self.fence.close()
 
     def check_connections(self, env: Any) -> bool:
         """Whether this process has its own connection to every site the environment's
@@ -264,7 +318,12 @@ class Replicated:
             self.perm_failed += 1
         elif event == db.DB_EVENT_REP_CONNECT_ESTD:
             self.sweep_due = True
+        elif event == db.DB_EVENT_REP_ELECTED:
+            self._elected += 1
+            self._taking_over = time.monotonic()
         elif event in (db.DB_EVENT_REP_MASTER, db.DB_EVENT_REP_CLIENT):
+            if event == db.DB_EVENT_REP_MASTER:
+                self._taking_over = None
             self.role_changes += 1
             if self.primary:
                 role = "master" if event == db.DB_EVENT_REP_MASTER else "client"
@@ -280,6 +339,10 @@ class Replicated:
     def end_call(self) -> None:
         self._thread.writing = False
 
+    def writing(self) -> bool:
+        """Whether the call this thread is making writes (`mark_write`)."""
+        return bool(getattr(self._thread, "writing", False))
+
     def committed(self) -> None:
         """The call this thread made succeeded: count it if it was a write."""
         if getattr(self._thread, "writing", False):
@@ -290,6 +353,27 @@ class Replicated:
         return bool(getattr(self._thread, "failed", False))
 
     # -- state -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def state(env: Any) -> SiteState:
+        return state_of(env.rep_stat())
+
+    def own_state(self, env: Any) -> SiteState:
+        """This site's state as the fence's peers need it: with `pending` (an election won, the
+        site not yet master), which only the replication process knows."""
+        st = env.rep_stat()
+        won_unseen = int(st["elections_won"]) - self._won_before > self._elected
+        since = self._taking_over
+        if since is not None and time.monotonic() - since > TAKEOVER_S:
+            # repmgr gave the claim up without an event ("won election but lost race with
+            # DUPMASTER client intent", repmgr_elect.c), or the node is in distress.
+            log.warning(
+                "%s: an election won %.0f s ago never led here to master",
+                self.name,
+                time.monotonic() - since,
+            )
+            self._taking_over = since = None
+        return state_of(st, pending=since is not None or won_unseen)
 
     @staticmethod
     def is_master(env: Any) -> bool:
@@ -332,7 +416,14 @@ class Replicated:
             else round(time.monotonic() - self.unconnected_since, 3),
             "peers": len(self.config.peers),
             "perm_failed": self.perm_failed,
+            # Writes acknowledged by the group but not confirmed by the fence (safe/fence.py),
+            # in this process.
+            "fence_refused": 0 if self.fence is None else self.fence.refused,
             "elections": int(st["elections"]),
+            # The group's generation this site follows, and its election generation: over
+            # gen + 1 once it took part in an election since (safe/fence.py).
+            "gen": int(st["gen"]),
+            "election_gen": int(st["egen"]),
         }
 
     # -- TCP_NODELAY -----------------------------------------------------------------------------
