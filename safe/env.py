@@ -86,7 +86,7 @@ from .layout import (
 )
 from .regions import _reserve_regions
 from .register import _alive, _registrants
-from .replication import FENCE_OBSERVE_TICKS, Replicated, Replication
+from .replication import Replicated, Replication
 from .stats import _Stats
 from .wake import Wake
 
@@ -1273,8 +1273,6 @@ class Environment:
                     if replicated.sweep_due or ticks < 50 or ticks % NODELAY_TICKS == 0:
                         replicated.nodelay_sweep()
                     replicated.check_connections(self._env)
-                    if ticks % FENCE_OBSERVE_TICKS == 0:
-                        replicated.observe(self._env)
                 if ticks % PURGE_TICKS == 0 and self.is_master():
                     self.purge_expired()
                 if ticks % SWEEP_TICKS == 0 and self.large_min < sys.maxsize and self.is_master():

@@ -70,13 +70,17 @@ START_RETRY_S = 0.1
 START_TIMEOUT_S = 10.0
 # How long a subordinate's open waits for its own connections to the peers (see above).
 SUBORDINATE_CONNECT_S = 3.0
-# How long a site that won an election counts as about to declare itself master when it never
-# says it did (safe/fence.py): far beyond the whole-second lockout sleeps a takeover waits out.
-TAKEOVER_S = 60.0
+# A site that won an election takes over in the same repmgr thread right after (repmgr_elect.c,
+# `__repmgr_claim_victory`; or after the message it is processing, repmgr_msg.c), and the
+# takeover holds libdb's operation lockout until it is master. So this long after the win, a
+# transaction that begins without waiting proves the takeover over, whether it made this site
+# master or came to nothing (it can, silently: another thread in message lockout, rep_method.c).
+CLAIM_SETTLE_S = 0.5
 # Where a master's replication process publishes the peers' election generations it saw
-# settled (safe/fence.py, `Fence.observe`), and how often it looks (in maintenance ticks).
+# settled (safe/fence.py, `Fence.observe`), and how often it looks, on a thread of its own (a
+# look at silent peers lasts up to a second, which maintenance must not wait out).
 FENCE_FILE = "repmgr.fence"
-FENCE_OBSERVE_TICKS = 10
+FENCE_OBSERVE_S = 1.0
 # Where the replication process publishes the sites it is connected to (check_connections).
 PEERS_FILE = "repmgr.peers"
 _MASTER = 2  # rep_stat()["status"] values (DB_REP_MASTER, DB_REP_CLIENT)
@@ -156,6 +160,8 @@ class Replicated:
         fenced = config.ack == "quorum" and len(config.peers) >= 2
         self.fence = Fence(config.peers, path / FENCE_FILE) if fenced else None
         self._responder: Responder | None = None
+        self._observer: threading.Thread | None = None
+        self._stop = threading.Event()
         # An election this site won and has not yet followed by becoming master: it may still
         # declare itself, whatever it follows now (safe/fence.py). Known from this process's
         # events (the replication process runs the elections), and from the count of elections
@@ -214,16 +220,23 @@ class Replicated:
             self._answer_fences(env)
             return
 
-    def observe(self, env: Any) -> None:
-        """On a master's replication process, every FENCE_OBSERVE_TICKS: see the peers settled
-        and note it for the site's processes (`Fence.observe`)."""
-        if not self.primary or self.fence is None:
-            return
-        own = self.state(env)
-        if own.role == _MASTER:
-            self.fence.observe(own.gen, lambda: self.state(env))
+    def _observe(self, env: Any, fence: Fence) -> None:
+        """The replication process's look at the peers every FENCE_OBSERVE_S while this site is
+        master: see them settled and note it for the site's processes (`Fence.observe`)."""
+        while not self._stop.wait(FENCE_OBSERVE_S):
+            try:
+                own = self.state(env)
+                if own.role == _MASTER:
+                    fence.observe(own.gen, lambda: self.state(env))
+            except db.DBError as e:
+                log.debug("%s: fence observation: %s", self.name, e)
 
     def _answer_fences(self, env: Any) -> None:
+        if self.fence is not None:
+            self._observer = threading.Thread(
+                target=self._observe, args=(env, self.fence), name="pmnc-fence-observe", daemon=True
+            )
+            self._observer.start()
         try:
             self._responder = Responder(self.config.local, lambda: self.own_state(env))
         except OSError as e:
@@ -238,6 +251,10 @@ class Replicated:
 
     def close(self) -> None:
         """Stop answering the peers and asking them (the environment is closing)."""
+        self._stop.set()
+        if self._observer is not None:
+            self._observer.join(timeout=5.0)
+            self._observer = None
         if self._responder is not None:
             self._responder.close()
             self._responder = None
@@ -361,18 +378,14 @@ class Replicated:
     def own_state(self, env: Any) -> SiteState:
         """This site's state as the fence's peers need it: with `pending` (an election won, the
         site not yet master), which only the replication process knows."""
-        st = env.rep_stat()
-        won_unseen = int(st["elections_won"]) - self._won_before > self._elected
         since = self._taking_over
-        if since is not None and time.monotonic() - since > TAKEOVER_S:
-            # repmgr gave the claim up without an event ("won election but lost race with
-            # DUPMASTER client intent", repmgr_elect.c), or the node is in distress.
-            log.warning(
-                "%s: an election won %.0f s ago never led here to master",
-                self.name,
-                time.monotonic() - since,
-            )
-            self._taking_over = since = None
+        if since is not None and time.monotonic() - since >= CLAIM_SETTLE_S:
+            txn = env.txn_begin()  # waits while a takeover holds the lockout
+            txn.abort()
+            if self._taking_over == since:
+                self._taking_over = since = None
+        st = env.rep_stat()  # after the wait: what the takeover made of this site
+        won_unseen = int(st["elections_won"]) - self._won_before > self._elected
         return state_of(st, pending=since is not None or won_unseen)
 
     @staticmethod
