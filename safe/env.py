@@ -70,6 +70,7 @@ from .errors import (
     SafePermissionError,
     SafeTimeoutError,
 )
+from .fence import MASTER
 from .layout import (
     AUX_FILE,
     DB_FILE,
@@ -640,6 +641,9 @@ class Environment:
                         raise self._not_acknowledged(what)
                     if fence_gen >= 0:
                         self._confirm(what, fence_gen)
+                    elif fence_gen == -2:
+                        self.stats.error(what)
+                        raise self._not_acknowledged(what, "this site's state could not be read")
                 self.stats.record(what, time.perf_counter_ns() - started, attempt)
                 return result
         finally:
@@ -655,9 +659,22 @@ class Environment:
         replicated = self.replicated
         if replicated is None:
             return
-        replicated.mark_write()
         if not replicated.connected.is_set():
             replicated.connected.wait(min(options.timeout, PEER_CONNECT_WAIT_S))
+            if not replicated.connected.is_set() and self.is_master():
+                try:
+                    why = replicated.unreachable(self._env)
+                except db.DBError as e:
+                    raise translate(self.path, "write", e) from e
+                if why is not None:
+                    raise SafeGroupNotFormedError(
+                        self.path,
+                        "write",
+                        why,
+                        "send it again; nothing was written (pmnc-runtime replaces such a "
+                        "worker within seconds)",
+                        master=None,
+                    )
         if not replicated.formed and self.is_master():
             try:
                 why = replicated.missing_sites(self._env)
@@ -671,15 +688,18 @@ class Environment:
                     "start the group's other nodes; nothing was written",
                     master=None,
                 )
+        replicated.mark_write()  # last: a write refused above counts as no write
 
     def _generation_now(self) -> int:
-        """This site's replication generation, read before a write that the fence confirms
-        (-1 if it cannot be read: the write then goes unconfirmed, as not acknowledged)."""
+        """This site's replication generation, read before a write that the fence confirms;
+        -1 on a client, where a write that succeeds wrote nothing (a real one raises
+        DBAccessError: e.g. `pop` of a missing key) and there is nothing to confirm."""
         assert self.replicated is not None
         try:
-            return self.replicated.state(self._env).gen
+            state = self.replicated.state(self._env)
         except db.DBError:
-            return -1
+            return -2  # unreadable: the write goes unconfirmed, as not acknowledged
+        return state.gen if state.role == MASTER else -1
 
     def _confirm(self, what: str, gen: int) -> None:
         """Raise SafeNotAcknowledgedError unless the peers confirm a write the group

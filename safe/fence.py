@@ -127,7 +127,11 @@ def unconfirmed(
     peer's state (None: no answer); `since`, each peer's election generation when every peer
     was last seen settled at `gen` (None: never seen so)."""
     if own.role != MASTER or own.gen != gen:
-        return "this site stopped being master before the write was confirmed"
+        role = {MASTER: "master", CLIENT: "client"}.get(own.role, "neither master nor client")
+        return (
+            f"this site stopped being master at generation {gen} before the write was "
+            f"confirmed (now {role} at {own.gen})"
+        )
     if all(settled(p, gen) for p in peers):
         return None  # no election anywhere, and no winner waiting to declare
     marks = since if since is not None else [None] * len(peers)

@@ -303,6 +303,26 @@ class Replicated:
             return
         self._published = ports
 
+    def unreachable(self, env: Any) -> str | None:
+        """Why a commit by this process now could not be acknowledged, or None: it has fewer
+        connections of its own than the ack policy needs peers (its commits go out over its
+        own connections only: `check_connections`). Such a commit would be certain to come back
+        not acknowledged, its outcome unknown to the caller; refused before it, nothing is
+        written (measured: a master's worker started before its peers joined, at 0
+        connections, committed an increment that was not acknowledged; the runtime replaces
+        such a worker within seconds, runtime/worker.py)."""
+        peers = len(self.config.peers)
+        needed = {"quorum": (peers + 1) // 2, "one": min(1, peers), "all": peers, "none": 0}[
+            self.config.ack
+        ]
+        own = len(_connected(env))
+        if own >= needed:
+            return None
+        return (
+            f"this process has {own} connection(s) of its own to the group's sites, and ack "
+            f'"{self.config.ack}" needs {needed}: its commit could not be acknowledged'
+        )
+
     def missing_sites(self, env: Any) -> str | None:
         """Why a write on this master cannot meet the ack policy of the configured group yet,
         or None. repmgr counts a quorum among the sites that have *joined*: the first site

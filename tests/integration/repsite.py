@@ -6,7 +6,7 @@
 PEER_PORT may be "" (a group of one). Prints {"ready": info, "open_s": seconds} once the safe is
 open, then answers one JSON line per command line:
 
-- ["set", key, value], ["get", key], ["info"], ["wait_master", seconds], ["exit"];
+- ["set", key, value], ["get", key], ["pop", key], ["info"], ["wait_master", seconds], ["exit"];
 - ["wait_role", role, seconds]: until `replication()["role"]` is `role` (or the time is up);
 - ["put_many", prefix, n, size]: writes prefix0..prefix{n-1} (values of `size` bytes), one
   line per key as it returns, {"k": key} if it returned without error, {"k": key, "error":
@@ -106,6 +106,8 @@ def main() -> None:
                 answer = {"ok": True}
             elif command[0] == "get":
                 answer = {"value": safe.get(command[1])}
+            elif command[0] == "pop":
+                answer = {"value": safe.pop(command[1], None)}
             elif command[0] == "info":
                 answer = {"info": safe.replication()}
             elif command[0] == "wait_master":

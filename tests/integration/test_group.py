@@ -39,6 +39,7 @@ from tests.integration.groups import (
     master_of,
     put_acknowledged,
     replication,
+    result,
 )
 
 
@@ -47,7 +48,7 @@ def test_any_node_takes_writes_and_the_master_answers(
 ) -> None:
     clients = [connect(n) for n in group]
     for i in range(30):  # round robin: two of every three calls land where the safe is a client
-        assert clients[i % 3].result("counter", "increment", name="rr") == i + 1
+        assert result(clients[i % 3], "counter", "increment", name="rr") == i + 1
     clients[1].result("kv", "put", key="where", value="everywhere")
     for client in clients:  # reads are local: each node's copy catches up by itself
         eventually(lambda c=client: c.result("kv", "get", key="where") == "everywhere", 5)
@@ -65,7 +66,7 @@ def test_master_node_killed_others_serve_writes_and_it_rejoins(
     clients = {n.port: connect(n) for n in group}
     acknowledged = 0
     for i in range(40):
-        clients[group[i % 3].port].result("counter", "increment", name="c")
+        result(clients[group[i % 3].port], "counter", "increment", name="c")
         acknowledged += 1
     master = master_of(group, "counter")
     survivors = [n for n in group if n is not master]
@@ -102,7 +103,7 @@ def test_a_worker_crash_restarts_the_cage_and_its_safes_rejoin(
 ) -> None:
     client_node = next(n for n in group if n is not master_of(group, "counter"))
     client = connect(client_node, keep_alive=False)  # not held by the worker that is killed
-    assert client.result("counter", "increment", name="w") == 1
+    assert result(client, "counter", "increment", name="w") == 1
     since = client_node.log_size()
     os.kill(client_node.workers()[-1], signal.SIGKILL)  # a worker or the replication process
     client_node.wait_log("serving again", 30, since=since)
@@ -112,7 +113,7 @@ def test_a_worker_crash_restarts_the_cage_and_its_safes_rejoin(
 
 
 def test_every_node_stops_cleanly(group: list[NodeProcess], connect: Callable[..., Client]) -> None:
-    connect(group[0]).result("counter", "increment", name="s")
+    result(connect(group[0]), "counter", "increment", name="s")
     for node in group:
         node.signal(signal.SIGTERM)  # all at once: each loses its peers while stopping
     for node in group:
@@ -204,7 +205,7 @@ def test_a_hung_master_node_is_replaced_and_rejoins_when_it_resumes(
     master = master_of(group, "counter")
     survivors = [n for n in group if n is not master]
     client = connect(survivors[0], timeout=15)
-    assert client.result("counter", "increment", name="h") == 1
+    assert result(client, "counter", "increment", name="h") == 1
     os.killpg(master.pid, signal.SIGSTOP)
     try:
         stopped = time.monotonic()

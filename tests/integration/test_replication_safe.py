@@ -262,6 +262,22 @@ def test_three_sites_elect_one_master_replicate_its_writes_and_refuse_writes_on_
         assert site.main.ask("get", "on-a-client") == {"value": None}
 
 
+def test_a_write_that_changes_nothing_on_a_client_is_answered_not_refused(group: Group) -> None:
+    """`pop` of a missing key on a client writes nothing, so libdb lets it succeed there (a
+    real write raises DBAccessError and goes to the master). The fence (safe/fence.py) must not
+    take it for a write to confirm: it once answered it SafeNotAcknowledgedError, "this site
+    stopped being master" (a full run's group warm-up met it)."""
+    sites = group(3, together=False)
+    master, _ = the_master(sites)
+    client = next(s for s in sites if s is not master)
+    assert client.main.ask("pop", "never-written") == {"value": None}
+    assert master.main.ask("pop", "never-written") == {"value": None}
+    assert master.main.ask("set", "k", 1) == {"ok": True}
+    wait_for("the client has k", lambda: client.main.ask("get", "k") == {"value": 1}, 5.0)
+    answer = client.main.ask("pop", "k")
+    assert answer["error"] == "SafeNotMasterError", answer  # a real write: to the master
+
+
 def test_a_subordinate_on_the_master_writes_acknowledged_at_once_after_its_open(
     group: Group,
 ) -> None:
@@ -279,6 +295,45 @@ def test_a_subordinate_on_the_master_writes_acknowledged_at_once_after_its_open(
             lambda site=site: site.main.ask("get", "greeting")["value"],  # type: ignore[misc]
             5.0,
         )
+
+
+def test_a_process_without_connections_of_its_own_refuses_a_write_before_committing(
+    tmp_path: Path,
+) -> None:
+    """A process of the master's site opened before the peers joined the group has no
+    connection of its own to them, ever (libdb 5.3; safe/replication.py, `check_connections`),
+    so its commits could not be acknowledged. Its write is refused before it commits
+    (SafeGroupNotFormedError: nothing written, send it again), not committed and then reported
+    not acknowledged with its outcome unknown (a full run's first increment met such a worker
+    of pmnc-runtime, which replaces them within seconds)."""
+    ports = sorted(free_port() for _ in range(3))
+    sites = [
+        Site(tmp_path / f"site{i}", port, tuple(p for p in ports if p != port), "quorum")
+        for i, port in enumerate(ports)
+    ]
+    try:
+        creator = sites[0]  # the lowest address creates the group
+        primary = creator.start()
+        early = creator.start()  # before any peer joined
+        for site in sites[1:]:
+            site.start()
+        wait_for(
+            "an acknowledged write by the replication process",
+            lambda: primary.ask("set", "formed", 1) == {"ok": True},
+            15.0,
+        )
+        took = time.monotonic()
+        answer = early.ask("set", "early", 2)
+        took = time.monotonic() - took
+        print(f"\nthe early process's write: {answer} after {took:.2f} s")
+        assert answer["error"] == "SafeGroupNotFormedError", answer
+        assert "connection(s) of its own" in answer["message"], answer
+        assert took < 4.0  # waited PEER_CONNECT_WAIT_S (2 s) for its connections
+        assert primary.ask("get", "early") == {"value": None}  # nothing was written
+        assert early.ask("get", "formed") == {"value": 1}  # it reads
+    finally:
+        for site in sites:
+            site.kill()
 
 
 def test_failover_loses_no_acknowledged_write_and_the_killed_site_rejoins_and_catches_up(
