@@ -662,33 +662,25 @@ class Environment:
         if not replicated.connected.is_set():
             replicated.connected.wait(min(options.timeout, PEER_CONNECT_WAIT_S))
             if not replicated.connected.is_set() and self.is_master():
-                try:
-                    why = replicated.unreachable(self._env)
-                except db.DBError as e:
-                    raise translate(self.path, "write", e) from e
-                if why is not None:
-                    raise SafeGroupNotFormedError(
-                        self.path,
-                        "write",
-                        why,
-                        "send it again; nothing was written (pmnc-runtime replaces such a "
-                        "worker within seconds)",
-                        master=None,
-                    )
-        if not replicated.formed and self.is_master():
-            try:
-                why = replicated.missing_sites(self._env)
-            except db.DBError as e:
-                raise translate(self.path, "write", e) from e
-            if why is not None:
-                raise SafeGroupNotFormedError(
-                    self.path,
-                    "write",
-                    why,
-                    "start the group's other nodes; nothing was written",
-                    master=None,
+                self._refuse_if(
+                    replicated.unreachable,
+                    "send it again; nothing was written (pmnc-runtime replaces such a worker "
+                    "within seconds)",
                 )
+        if not replicated.formed and self.is_master():
+            self._refuse_if(
+                replicated.missing_sites, "start the group's other nodes; nothing was written"
+            )
         replicated.mark_write()  # last: a write refused above counts as no write
+
+    def _refuse_if(self, why_not: Callable[[Any], str | None], hint: str) -> None:
+        """SafeGroupNotFormedError (nothing written) if `why_not(env)` names a reason."""
+        try:
+            why = why_not(self._env)
+        except db.DBError as e:
+            raise translate(self.path, "write", e) from e
+        if why is not None:
+            raise SafeGroupNotFormedError(self.path, "write", why, hint, master=None)
 
     def _generation_now(self) -> int:
         """This site's replication generation, read before a write that the fence confirms;
