@@ -610,7 +610,7 @@ class Environment:
             started = time.perf_counter_ns()
             attempt = 0
             replicated = self.replicated
-            fence_gen = -1
+            fence_gen: int | None = None  # None: not a write the fence confirms
             while True:
                 if replicated is not None:
                     replicated.clear()
@@ -639,7 +639,11 @@ class Environment:
                     if replicated.failed():
                         self.stats.error(what)
                         raise self._not_acknowledged(what)
-                    if fence_gen >= 0:
+                    if fence_gen == -1:
+                        # Begun on a client: it wrote nothing, unless this site became master
+                        # while the body waited out the takeover's lockout.
+                        fence_gen = self._generation_now()
+                    if fence_gen is not None and fence_gen >= 0:
                         self._confirm(what, fence_gen)
                     elif fence_gen == -2:
                         self.stats.error(what)

@@ -13,12 +13,12 @@ asks every peer site for its state (`Fence`: a UDP datagram to the site's own ad
 by its replication process, `Responder`), in a round that starts after W's acknowledgement, and
 reports W acknowledged only if one of two rules holds (`unconfirmed`). A peer is *settled* when
 it follows this master's generation g, is in no election, and has no election won and not yet
-declared (`pending`: the replication process sees DB_EVENT_REP_ELECTED before the takeover's
-lockout, and DB_EVENT_REP_MASTER after it). A settled peer is *clean* when its election
-generation is still g + 1, or still what it was when every peer was last seen settled
-(`Fence._note`): libdb
-moves a site's election generation on when an election it took part in ends, won or lost
-(rep_util.c, `__rep_elect_done`), so a clean peer has voted in no election since then.
+declared (`pending`: the replication process sees DB_EVENT_REP_ELECTED before the takeover,
+and DB_EVENT_REP_MASTER after it; a takeover that never says it ended counts for TAKEOVER_S,
+safe/replication.py says why). A settled peer is *clean* when its election generation is still
+g + 1, or still what it was when every peer was last seen settled (`Fence._note`): libdb moves a
+site's election generation on when an election it took part in ends, won or lost (rep_util.c,
+`__rep_elect_done`), so a clean peer has voted in no election since then.
 
 1. Every peer answered and is settled. Then no election is under way and no winner waits to
    declare. An election that starts later cannot elect a site without W: its voters come from a
@@ -39,6 +39,13 @@ when the acknowledgements come late.
 The argument counts acknowledgers as repmgr does for quorum: electable sites (priority > 0).
 Under `ack: all` every site has W, so no site without it can win; under `one` and `none`
 nothing survives a failover by promise. Only `quorum` with three or more sites is fenced.
+
+Limits, from an independent reading of libdb 5.3's source: a site with W can rank a candidate
+without it first when it votes while in internal init or a lockout (priority 0 then), in a group
+of mixed libdb versions, or against a candidate with a newer data generation (rep_elect.c); rule
+1 leans on the ranking, rule 2 does not. The answers are not authenticated: whatever answers on a
+peer's replication port is believed, the trust repmgr 5.3 itself places in its peers' TCP
+connections.
 """
 
 from __future__ import annotations

@@ -70,12 +70,15 @@ START_RETRY_S = 0.1
 START_TIMEOUT_S = 10.0
 # How long a subordinate's open waits for its own connections to the peers (see above).
 SUBORDINATE_CONNECT_S = 3.0
-# A site that won an election takes over in the same repmgr thread right after (repmgr_elect.c,
-# `__repmgr_claim_victory`; or after the message it is processing, repmgr_msg.c), and the
-# takeover holds libdb's operation lockout until it is master. So this long after the win, a
-# transaction that begins without waiting proves the takeover over, whether it made this site
-# master or came to nothing (it can, silently: another thread in message lockout, rep_method.c).
-CLAIM_SETTLE_S = 0.5
+# How long a site that won an election counts as about to declare itself master when it never
+# says it became master (safe/fence.py). A takeover can come to nothing without a word (libdb
+# returns from it silently when another thread holds the message lockout: rep_method.c), and no
+# state that a process can read tells a takeover under way from one given up: it waits for
+# messages, calls and transactions in flight to drain, sleeping a whole second per look (a
+# transaction that begins without waiting proves nothing: the takeover's first lockout holds
+# messages only). Every wait it makes is bounded by pmnc's own bounds on calls (`timeout`) and
+# lock waits, far below this; a site whose takeover outlives it is logged.
+TAKEOVER_S = 30.0
 # Where a master's replication process publishes the peers' election generations it saw
 # settled (safe/fence.py, `Fence.observe`), and how often it looks, on a thread of its own (a
 # look at silent peers lasts up to a second, which maintenance must not wait out).
@@ -166,8 +169,11 @@ class Replicated:
         # declare itself, whatever it follows now (safe/fence.py). Known from this process's
         # events (the replication process runs the elections), and from the count of elections
         # won, which libdb raises a moment before the event fires.
-        self._won_before = 0  # elections won in the region before this process started repmgr
+        # Elections won in the region as of the last DB_EVENT_REP_ELECTED seen (or of the
+        # start), to catch a win in the instant before its event fires (`own_state`).
+        self._won_base = 0
         self._elected = 0  # DB_EVENT_REP_ELECTED seen here
+        self._elected_seen = 0  # ... as of the last `own_state`
         self._taking_over: float | None = None  # since when (monotonic), until DB_EVENT_REP_MASTER
 
     # -- before open ------------------------------------------------------------------------------
@@ -199,7 +205,7 @@ class Replicated:
             finally:
                 site.close()
         deadline = time.monotonic() + START_TIMEOUT_S
-        self._won_before = int(env.rep_stat()["elections_won"])
+        self._won_base = int(env.rep_stat()["elections_won"])
         while True:
             try:
                 env.repmgr_start(START_THREADS, db.DB_REP_ELECTION)
@@ -397,15 +403,29 @@ class Replicated:
 
     def own_state(self, env: Any) -> SiteState:
         """This site's state as the fence's peers need it: with `pending` (an election won, the
-        site not yet master), which only the replication process knows."""
-        since = self._taking_over
-        if since is not None and time.monotonic() - since >= CLAIM_SETTLE_S:
-            txn = env.txn_begin()  # waits while a takeover holds the lockout
-            txn.abort()
+        site not yet master), which only the replication process knows.
+
+        libdb counts a win (`elections_won`) a moment before DB_EVENT_REP_ELECTED fires, and
+        the site already shows no election then (rep_elect.c): a count above the one at the
+        last event seen is a win whose event is still to come. The state is read first and
+        the event-side fields after, so an event that fires in between is seen either way."""
+        st = env.rep_stat()
+        won = int(st["elections_won"])
+        elected, since = self._elected, self._taking_over
+        if elected != self._elected_seen:
+            self._elected_seen = elected
+            self._won_base = won
+        won_unseen = won > self._won_base
+        if since is not None and time.monotonic() - since > TAKEOVER_S:
+            log.warning(
+                "%s: an election won %.0f s ago never made this site master; no longer counted "
+                "as about to declare itself",
+                self.name,
+                time.monotonic() - since,
+            )
             if self._taking_over == since:
-                self._taking_over = since = None
-        st = env.rep_stat()  # after the wait: what the takeover made of this site
-        won_unseen = int(st["elections_won"]) - self._won_before > self._elected
+                self._taking_over = None
+            since = None
         return state_of(st, pending=since is not None or won_unseen)
 
     @staticmethod

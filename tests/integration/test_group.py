@@ -65,14 +65,20 @@ def test_master_node_killed_others_serve_writes_and_it_rejoins(
 ) -> None:
     clients = {n.port: connect(n) for n in group}
     acknowledged = 0
+    unknown = 0  # answers that say the call may or may not have run
     for i in range(40):
-        result(clients[group[i % 3].port], "counter", "increment", name="c")
-        acknowledged += 1
+        try:
+            result(clients[group[i % 3].port], "counter", "increment", name="c")
+            acknowledged += 1
+        except AssertionError as e:
+            # Committed on the master, acknowledged too late on this loaded machine (README:
+            # SafeNotAcknowledgedError, outcome unknown); seen once in a full run.
+            assert "SafeNotAcknowledgedError" in str(e), e
+            unknown += 1
     master = master_of(group, "counter")
     survivors = [n for n in group if n is not master]
     master.kill_group()
     killed = time.monotonic()
-    unknown = 0  # answers that say the call may or may not have run (the master died under it)
     served = None
     while served is None:
         assert time.monotonic() - killed < FAILOVER_S, "no write served within 10 s"
@@ -88,7 +94,8 @@ def test_master_node_killed_others_serve_writes_and_it_rejoins(
         else:
             assert code == 503, body
             time.sleep(0.05)
-    # Nothing answered before the kill is lost; an increment with an unknown outcome may count.
+    # Nothing answered before the kill is lost; an increment with an unknown outcome (the master
+    # died under it, or its acknowledgement came late) may count.
     assert acknowledged + 1 <= served <= acknowledged + 1 + unknown
     assert clients[survivors[1].port].result("counter", "increment", name="c") == served + 1
     master.start(timeout=60)  # the killed node again: it recovers and rejoins as a client
