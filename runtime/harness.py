@@ -56,6 +56,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` different ports, free a moment ago: all held at once while they are drawn (one
+    at a time, the kernel may hand the same port out twice: a full run saw two nodes of a group
+    given one HTTP port)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            s = held.enter_context(socket.socket())
+            s.bind((host, 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
+
+
 def group_alive(pgid: int) -> bool:
     """Whether a live (not zombie) process of process group `pgid` is left.
 
@@ -159,7 +172,7 @@ def write_group_configs(
         base = free_port_range(safes)
         if all(abs(base - b) >= 100 for b in bases):
             bases.append(base)
-    ports = [free_port() for _ in names]
+    ports = free_ports(len(names))
     group = []
     for i, name in enumerate(names):
         path = write_config(

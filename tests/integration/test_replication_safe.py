@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from pmnc.runtime.harness import free_port
+from pmnc.runtime.harness import free_port, free_ports
 
 REPSITE = Path(__file__).resolve().parent / "repsite.py"
 READY_S = 30.0  # an open waits up to 5 s on a join (docs/berkeleydb.md, "Replication")
@@ -157,7 +157,7 @@ def group(tmp_path: Path) -> Iterator[Group]:
     made: list[Site] = []
 
     def make(n: int, ack: str = "quorum", *, together: bool = True) -> list[Site]:
-        ports = sorted(free_port() for _ in range(n))
+        ports = sorted(free_ports(n))
         sites = [
             Site(
                 tmp_path / f"site{len(made) + i}",
@@ -306,7 +306,7 @@ def test_a_process_without_connections_of_its_own_refuses_a_write_before_committ
     (SafeGroupNotFormedError: nothing written, send it again), not committed and then reported
     not acknowledged with its outcome unknown (a full run's first increment met such a worker
     of pmnc-runtime, which replaces them within seconds)."""
-    ports = sorted(free_port() for _ in range(3))
+    ports = sorted(free_ports(3))
     sites = [
         Site(tmp_path / f"site{i}", port, tuple(p for p in ports if p != port), "quorum")
         for i, port in enumerate(ports)
@@ -533,7 +533,7 @@ def test_a_new_site_joins_a_group_whose_logs_were_removed_and_gets_every_key(
     # (safe/replication.py, Replication.creator), and an empty newcomer that did would create
     # a group of its own.
     port = free_port()
-    while port < first.port:
+    while port <= first.port:
         port = free_port()
     newcomer = Site(tmp_path / "newcomer", port, (first.port,), "quorum")
     try:
