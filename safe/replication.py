@@ -217,8 +217,16 @@ class Replicated:
             except db.DBError as e:
                 if e.args and e.args[0] == db.DB_REP_IGNORE:
                     self.primary = False  # another process runs replication: a subordinate
+                    # Until it has its own connections to the sites the replication process
+                    # reaches, and to as many as a write needs acknowledgements from: the
+                    # replication process may not have published its own yet (a subordinate
+                    # opened 0.01 s after it, with none, had its first commit come back not
+                    # acknowledged at once, in a run of the suite twice at once).
                     deadline = time.monotonic() + SUBORDINATE_CONNECT_S
-                    while not self.check_connections(env) and time.monotonic() < deadline:
+                    while time.monotonic() < deadline and (
+                        not self.check_connections(env)
+                        or len(_connected(env)) < self.peers_needed()
+                    ):
                         time.sleep(0.02)
                     return
                 raise
@@ -309,6 +317,13 @@ class Replicated:
             return
         self._published = ports
 
+    def peers_needed(self) -> int:
+        """How many peers must acknowledge a write under the ack policy."""
+        peers = len(self.config.peers)
+        return {"quorum": (peers + 1) // 2, "one": min(1, peers), "all": peers, "none": 0}[
+            self.config.ack
+        ]
+
     def unreachable(self, env: Any) -> str | None:
         """Why a commit by this process now could not be acknowledged, or None: it has fewer
         connections of its own than the ack policy needs peers (its commits go out over its
@@ -317,10 +332,7 @@ class Replicated:
         written (measured: a master's worker started before its peers joined, at 0
         connections, committed an increment that was not acknowledged; the runtime replaces
         such a worker within seconds, runtime/worker.py)."""
-        peers = len(self.config.peers)
-        needed = {"quorum": (peers + 1) // 2, "one": min(1, peers), "all": peers, "none": 0}[
-            self.config.ack
-        ]
+        needed = self.peers_needed()
         own = len(_connected(env))
         if own >= needed:
             return None
@@ -341,9 +353,7 @@ class Replicated:
         if self.formed:
             return None
         peers = len(self.config.peers)
-        needed = {"quorum": (peers + 1) // 2, "one": min(1, peers), "all": peers, "none": 0}[
-            self.config.ack
-        ]
+        needed = self.peers_needed()
         known = len(env.repmgr_site_list())
         if known >= needed:
             self.formed = True
