@@ -65,6 +65,8 @@ from typing import Any
 
 from berkeleydb import db
 
+from .layout import publish
+
 log = logging.getLogger("pmnc.safe")
 
 MAGIC = b"pmnc-fence2\0"
@@ -78,8 +80,8 @@ RESEND_S = 0.05  # a lost datagram costs this much
 # election generations were last noted over a second ago (`Fence._note`).
 GRACE_S = 0.02
 NOTE_EVERY_S = 1.0
-MASTER = 2  # rep_stat()["status"] values (DB_REP_MASTER, DB_REP_CLIENT)
-CLIENT = 1
+MASTER = db.DB_REP_MASTER  # rep_stat()["status"] values
+CLIENT = db.DB_REP_CLIENT
 
 
 @dataclass(frozen=True)
@@ -253,14 +255,10 @@ class Fence:
         publishes them for the site's other processes."""
         _, _, since = self._round(gen, own)
         if since is not None and self._shared is not None and self._load(gen) != since:
-            target = self._shared
-            temporary = target.with_name(f".{target.name}.{os.getpid()}")
             try:
-                temporary.write_text(" ".join(str(v) for v in (gen, *since)) + "\n")
-                os.chmod(temporary, 0o600)
-                os.replace(temporary, target)
+                publish(self._shared, (gen, *since))
             except OSError as e:
-                log.warning("cannot write %s: %s", target, e)
+                log.warning("cannot write %s: %s", self._shared, e)
 
     def _load(self, gen: int) -> tuple[int | None, ...] | None:
         if self._shared is None:

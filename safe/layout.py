@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,16 @@ def _is_safe_file(name: str) -> bool:
     return name in (*DATA_FILES, WAKE_FILE, "repmgr.peers", "repmgr.fence") or name.startswith(
         ("log.", "__db.")
     )
+
+
+def publish(target: Path, words: Iterable[object]) -> None:
+    """Replace `target` with one line of `words`, mode 0600, atomically (a reader sees the old
+    line or the new one): the small files a replication process publishes for the site's
+    other processes. Raises OSError."""
+    temporary = target.with_name(f".{target.name}.{os.getpid()}")
+    temporary.write_text(" ".join(str(w) for w in words) + "\n")
+    os.chmod(temporary, 0o600)
+    os.replace(temporary, target)
 
 
 def _private(path: Path, mode: int) -> None:

@@ -38,8 +38,8 @@ from typing import Any
 
 from berkeleydb import db
 
-from .fence import Fence, Responder, SiteState, state_of
-from .layout import LOG_FILE_SIZE
+from .fence import CLIENT, MASTER, Fence, Responder, SiteState, state_of
+from .layout import LOG_FILE_SIZE, publish
 
 log = logging.getLogger("pmnc.safe")
 
@@ -86,8 +86,6 @@ FENCE_FILE = "repmgr.fence"
 FENCE_OBSERVE_S = 1.0
 # Where the replication process publishes the sites it is connected to (check_connections).
 PEERS_FILE = "repmgr.peers"
-_MASTER = 2  # rep_stat()["status"] values (DB_REP_MASTER, DB_REP_CLIENT)
-_CLIENT = 1
 
 
 @dataclass(frozen=True)
@@ -168,9 +166,8 @@ class Replicated:
         # An election this site won and has not yet followed by becoming master: it may still
         # declare itself, whatever it follows now (safe/fence.py). Known from this process's
         # events (the replication process runs the elections), and from the count of elections
-        # won, which libdb raises a moment before the event fires.
-        # Elections won in the region as of the last DB_EVENT_REP_ELECTED seen (or of the
-        # start), to catch a win in the instant before its event fires (`own_state`).
+        # won as of the last DB_EVENT_REP_ELECTED seen (or of the start), which libdb raises a
+        # moment before the event fires (`own_state`).
         self._won_base = 0
         self._elected = 0  # DB_EVENT_REP_ELECTED seen here
         self._elected_seen = 0  # ... as of the last `own_state`
@@ -240,7 +237,7 @@ class Replicated:
         while not self._stop.wait(FENCE_OBSERVE_S):
             try:
                 own = self.state(env)
-                if own.role == _MASTER:
+                if own.role == MASTER:
                     fence.observe(own.gen, lambda: self.state(env))
             except db.DBError as e:
                 log.debug("%s: fence observation: %s", self.name, e)
@@ -307,11 +304,8 @@ class Replicated:
         if ports == self._published:
             return
         target = self.path / PEERS_FILE
-        temporary = target.with_name(f".{PEERS_FILE}.{os.getpid()}")
         try:
-            temporary.write_text(" ".join(str(p) for p in sorted(ports)) + "\n")
-            os.chmod(temporary, 0o600)
-            os.replace(temporary, target)
+            publish(target, sorted(ports))
         except OSError as e:
             log.warning("%s: cannot write %s: %s", self.name, target, e)
             return
@@ -440,14 +434,14 @@ class Replicated:
 
     @staticmethod
     def is_master(env: Any) -> bool:
-        return bool(env.rep_stat()["status"] == _MASTER)
+        return bool(env.rep_stat()["status"] == MASTER)
 
     def master(self, env: Any) -> tuple[str, int] | None:
         """The master site's address, or None while there is none (an election)."""
         st = env.rep_stat()
-        if st["status"] == _MASTER:
+        if st["status"] == MASTER:
             return self.config.local
-        if st["status"] != _CLIENT or st["master"] < 0:
+        if st["status"] != CLIENT or st["master"] < 0:
             return None
         entry = env.repmgr_site_list().get(st["master"])
         return (entry[0], int(entry[1])) if entry else None
@@ -455,7 +449,7 @@ class Replicated:
     def info(self, env: Any) -> dict[str, Any]:
         """Role, master, log position and sync state, for status reports."""
         st = env.rep_stat()
-        role = {_MASTER: "master", _CLIENT: "client"}.get(st["status"], "none")
+        role = {MASTER: "master", CLIENT: "client"}.get(st["status"], "none")
         master = self.master(env)
         if role == "master":
             lsn = tuple(env.log_stat()[k] for k in ("cur_file", "cur_offset"))
