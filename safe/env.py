@@ -49,6 +49,7 @@ import random
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,7 @@ CLOSE_WAIT_S = 5.0
 # the regions' reservation itself rather than waiting for the maintenance thread's next tick.
 WRITTEN_REFRESH = 256 << 10
 # One plain read in this many is timed (and counted by `call`); the others are only counted.
-READ_SAMPLE_EVERY = 16
+READ_SAMPLE_EVERY = 64
 READ_SAMPLE_MASK = READ_SAMPLE_EVERY - 1  # a power of two: `n & mask` picks the sampled reads
 # Page size of a database file this code creates (an existing file keeps its own): measured,
 # 32 KiB keeps the data file within 1.5x the payload at 100 B (keys in order), 1 KB, 4 KB and
@@ -188,6 +189,31 @@ class Options:
     durable: bool
     timeout: float
     min_free_space: int
+
+
+# The code of the plain reads that take no call count: Safe's hot paths (`[]`, `get`) register
+# theirs. Counting a read's end cost each of them a tenth of its time (docs/footprint.md,
+# "Per-call overhead"), so close() finds the reads in flight by looking at the threads' frames
+# instead (`_threads_reading`). Each of these functions binds its environment to a local named
+# `environment` before it checks `usable`, and touches the handles only in that frame.
+HOT_READS: set[types.CodeType] = set()
+
+
+def _threads_reading(env: Environment) -> int:
+    """Threads inside a hot read of `env` now: a frame of HOT_READS whose `environment` is it.
+
+    Sound for close(): a read touches the handles only after it saw `usable` True, inside that
+    frame; close() clears `usable` before it looks, so a read that has not looked yet never
+    will touch them, and one that has is found here until it returns."""
+    n = 0
+    for frame in sys._current_frames().values():
+        f: types.FrameType | None = frame
+        while f is not None:
+            if f.f_code in HOT_READS and f.f_locals.get("environment") is env:
+                n += 1
+                break
+            f = f.f_back
+    return n
 
 
 def _peek(counter: itertools.count[int]) -> int:
@@ -486,10 +512,10 @@ class Environment:
         self._panicked = False
         self._closed = False
         self.stats = _Stats()
-        # Atomic under the GIL: calls (and plain reads) started and finished, so that close()
-        # can wait for those in flight before it closes the handles under them.
+        # Atomic under the GIL: calls started and finished, so that close() can wait for those
+        # in flight before it closes the handles under them; plain reads started (the hot
+        # ones in flight are found by _threads_reading).
         self.read_count = itertools.count(1)
-        self.read_done = itertools.count(1)
         self._calls = itertools.count(1)
         self._calls_done = itertools.count(1)
         self._checkpoint_interval = checkpoint_interval
@@ -811,13 +837,14 @@ class Environment:
     def read(self, what: str, options: Options, key: bytes) -> bytes | None:
         """A plain read, counted (and one in READ_SAMPLE_EVERY timed) like Safe.get's inlined
         copy of this path."""
-        n = next(self.read_count)  # counted before the check: see close
+        n = next(self.read_count)
+        next(self._calls)  # counted before the check: see close
         try:
             if not self.usable:
                 self.raise_unusable(what)
             return self.read_counted(what, options, n, key)
         finally:
-            next(self.read_done)
+            next(self._calls_done)
 
     def read_counted(self, what: str, options: Options, n: int, key: bytes) -> bytes | None:
         """A plain read inside a count its caller took (`n`, from read_count) on a usable
@@ -1238,13 +1265,8 @@ class Environment:
         return _peek(self.read_count) - 1
 
     def in_flight(self) -> int:
-        """Calls and plain reads started and not finished yet."""
-        return (
-            _peek(self._calls)
-            - _peek(self._calls_done)
-            + _peek(self.read_count)
-            - _peek(self.read_done)
-        )
+        """Calls and hot reads started and not finished yet."""
+        return _peek(self._calls) - _peek(self._calls_done) + _threads_reading(self)
 
     def info(self) -> dict[str, Any]:
         """Environment-wide figures: log, checkpoint, cache."""

@@ -89,7 +89,6 @@ class _ClosedEnvironment(_env.Environment):
         self.path = path
         self.usable = False
         self.read_count = itertools.count(1)
-        self.read_done = itertools.count(1)
 
     def raise_unusable(self, what: str) -> None:
         raise SafeClosedError(self.path, what, "the safe is closed", "open it again")
@@ -236,23 +235,21 @@ class Safe(MutableMapping[str, object]):
     # -- MutableMapping --------------------------------------------------------------------------
 
     # The three methods below are the hot paths, written out in full (see the module docstring).
-    # A read is counted before the usable check and after its end, so that close() can wait for
-    # reads in flight; one in READ_SAMPLE_EVERY goes through the funnel to be timed, and so does
-    # a read that failed (retried, bounded, translated there).
+    # A read is counted once, for the stats; close() finds the reads in flight by their frames
+    # (the two read paths are in env.HOT_READS, and bind `environment` before the usable check).
+    # One in READ_SAMPLE_EVERY goes through the funnel to be timed, and so does a read that
+    # failed (retried, bounded, translated there).
 
     def __getitem__(self, key: str) -> object:
         environment = self._env
         n = next(environment.read_count)
-        try:
-            if n & _SAMPLE_MASK and environment.usable and type(key) is str:
-                try:
-                    raw = environment.db_get(key.encode())
-                except (UnicodeEncodeError, _DBError):
-                    raw = self._hot_read(environment, n, key)
-            else:
+        if n & _SAMPLE_MASK and environment.usable and type(key) is str:
+            try:
+                raw = environment.db_get(key.encode())
+            except (UnicodeEncodeError, _DBError):
                 raw = self._hot_read(environment, n, key)
-        finally:
-            next(environment.read_done)
+        else:
+            raw = self._hot_read(environment, n, key)
         if raw is None:
             raise KeyError(key)
         if raw[0] >= _SPECIAL:  # a long value or an expiring one: one comparison for both
@@ -264,16 +261,13 @@ class Safe(MutableMapping[str, object]):
     def get(self, key: str, default: object = None) -> object:
         environment = self._env
         n = next(environment.read_count)
-        try:
-            if n & _SAMPLE_MASK and environment.usable and type(key) is str:
-                try:
-                    raw = environment.db_get(key.encode())
-                except (UnicodeEncodeError, _DBError):
-                    raw = self._hot_read(environment, n, key)
-            else:
+        if n & _SAMPLE_MASK and environment.usable and type(key) is str:
+            try:
+                raw = environment.db_get(key.encode())
+            except (UnicodeEncodeError, _DBError):
                 raw = self._hot_read(environment, n, key)
-        finally:
-            next(environment.read_done)
+        else:
+            raw = self._hot_read(environment, n, key)
         if raw is None:
             return default
         if raw[0] >= _SPECIAL:  # a long value or an expiring one: one comparison for both
@@ -667,7 +661,7 @@ class Safe(MutableMapping[str, object]):
         has p50/p99 (ms) of the recent samples per operation; `durations` the histogram of every
         timed call since the opening, per operation (`counts` per bucket of `duration_buckets`,
         upper bounds in seconds, plus one for larger; `sum_ns`, integer nanoseconds). Reads are
-        timed one in READ_SAMPLE_EVERY (16): `durations["read"]` counts that share of them.
+        timed one in READ_SAMPLE_EVERY (64): `durations["read"]` counts that share of them.
         """
         environment = self._environment_for("stats")
         # Through the funnel first: it refuses a Safe inherited across fork, whose counters
@@ -742,6 +736,10 @@ class Safe(MutableMapping[str, object]):
             lambda e, txn: _expiry.restore(e, txn, k, data, deadline),
             len(k) + len(data),
         )
+
+
+# The hot reads take no count of their ends: close() finds them in flight by their frames.
+_env.HOT_READS.update({Safe.__getitem__.__code__, Safe.get.__code__})
 
 
 class _ItemsView(ItemsView[str, object]):

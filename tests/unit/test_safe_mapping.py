@@ -406,3 +406,57 @@ def test_an_iterator_started_before_close_raises_at_once_after_it(tmp_path: Path
     safe.close()
     with pytest.raises(SafeClosedError):
         next(walk)
+
+
+def test_close_waits_for_a_read_blocked_on_another_process_lock(tmp_path: Path) -> None:
+    """A read waiting on a lock that another process holds is inside Berkeley DB, its
+    thread's GIL released, for up to the lock timeout: close() must not close the handles
+    under it (that crashed the process). It waits: the read ends cleanly, with the other's
+    write or, when its lock wait timed out after close() began, with SafeClosedError."""
+    path, signal = tmp_path / "s", tmp_path / "holding"
+    with Safe.open(path) as s:
+        s["k"] = "before"
+    holder = textwrap.dedent(
+        f"""
+        import pathlib, time
+        from pmnc.safe import Safe
+        with Safe.open({str(path)!r}) as s:
+            def body(v):
+                pathlib.Path({str(signal)!r}).touch()
+                time.sleep(1.5)
+                return "after"
+            s.modify("k", body)
+        """
+    )
+    reader = textwrap.dedent(
+        f"""
+        import pathlib, threading, time
+        from pmnc.safe import Safe
+        s = Safe.open({str(path)!r})
+        while not pathlib.Path({str(signal)!r}).exists():
+            time.sleep(0.01)
+        seen = []
+
+        def read():
+            try:
+                seen.append(s["k"])
+            except Exception as e:
+                seen.append(type(e).__name__)
+
+        t = threading.Thread(target=read)
+        t.start()
+        time.sleep(0.2)  # the read now waits on the holder's lock
+        s.close()
+        t.join()
+        print(seen)
+        """
+    )
+    held = subprocess.Popen([sys.executable, "-c", holder])
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", reader], check=False, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        assert held.wait(timeout=60) == 0
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() in (["['after']"], ["['SafeClosedError']"])
