@@ -147,11 +147,21 @@ DBError = db.DBError  # for pmnc.safe.store's hot read path, which does not impo
 # A value longer than a data-file page keeps on the page (`on_page_limit`) would take overflow
 # pages of the data file's size, the last one mostly empty: an 8.2 KB value a whole 32 KiB page.
 # Such values go to LARGE_FILE, a B-tree of LARGE_PAGE_SIZE pages, under the same key, and the
-# data file holds LARGE in their place (docs/footprint.md, "Large values": at most 1.5x the
+# data file's record begins with LARGE (docs/footprint.md, "Large values": about 1.04x the
 # payload above the limit, against up to 4x). No pickle (0x80) or expiring record (0xFF)
 # begins with 0xFE.
 LARGE_PAGE_SIZE = 4 << 10
 LARGE = b"\xfe"
+# A long value is cut where LARGE_FILE's overflow pages end: the head fills whole pages there,
+# the rest (under one page) stays in the data file's record after LARGE and a tag, on the page.
+# So no page is left mostly empty (8.2 KB values: 1.52x the payload in three 4 KiB pages, 1.0x
+# in two plus the tail). The tag, random and the same at the head of the LARGE_FILE record,
+# says that a plain read's two lookups (no transaction spans them) found parts of one write.
+# LARGE_PAGE_PAYLOAD is what a checksummed 4 KiB overflow page holds (measured: 8,128 bytes
+# take two pages, 8,129 three; tests/unit/test_safe_large_values.py). A record that is LARGE
+# alone, from a safe written before the cut, points to the whole value.
+LARGE_PAGE_PAYLOAD = 4064
+LARGE_TAG = 8
 GONE = _expiry.wrap(b"", 0.0)
 # Every this many ticks the maintenance thread looks at up to SWEEP_BATCH records of LARGE_FILE
 # for ones whose key no longer points there (see Environment.sweep_large).
@@ -389,6 +399,24 @@ def on_page_limit(page_size: int) -> int:
     """The longest value a B-tree page of `page_size` bytes (checksummed) keeps on the page:
     (page size - 26) / 4 - 10, measured in docs/footprint.md (8,175 bytes at 32 KiB)."""
     return (page_size - 26) // 4 - 10
+
+
+def split_long(value: bytes) -> tuple[bytes, bytes]:
+    """A long value's data-file record (LARGE, the tag, the tail) and its LARGE_FILE record
+    (the tag, the head): the head and its tag fill LARGE_FILE's overflow pages exactly."""
+    tag = os.urandom(LARGE_TAG)
+    head = (len(value) + LARGE_TAG) // LARGE_PAGE_PAYLOAD * LARGE_PAGE_PAYLOAD - LARGE_TAG
+    return LARGE + tag + value[head:], tag + value[:head]
+
+
+def join_long(pointer: bytes, record: bytes | None) -> bytes | None:
+    """The value a data-file record beginning with LARGE and its LARGE_FILE record make, or
+    None when they are not parts of one write (the record is missing, or its tag differs)."""
+    if len(pointer) == 1:  # LARGE alone: a whole value, written before the cut
+        return record
+    if record is None or record[:LARGE_TAG] != pointer[1 : 1 + LARGE_TAG]:
+        return None
+    return record[LARGE_TAG:] + pointer[1 + LARGE_TAG :]
 
 
 def _purge_body(e: Environment, txn: Any, *, now: float) -> int:
@@ -854,8 +882,8 @@ class Environment:
         if n & READ_SAMPLE_MASK:
             try:
                 value: bytes | None = self.db_get(key)
-                if value == LARGE:
-                    value = self.get_large(key)
+                if value is not None and value[:1] == LARGE:
+                    value = self.get_large(key, value)
             except db.DBError:
                 return self.call(what, options, self.get, key)
             return value
@@ -957,21 +985,31 @@ class Environment:
 
     def get(self, key: bytes) -> bytes | None:
         value: bytes | None = self._db.get(key)
-        if value == LARGE:
-            return self.get_large(key)
+        if value is not None and value[:1] == LARGE:
+            return self.get_large(key, value)
         return value
 
-    def get_large(self, key: bytes) -> bytes | None:
-        """A plain read of a value kept in LARGE_FILE. No transaction spans the two lookups,
-        so a value replaced or deleted between them is looked up again from the data file."""
+    def get_large(self, key: bytes, pointer: bytes) -> bytes | None:
+        """A plain read of a long value whose data-file record (`pointer`) was just read. No
+        transaction spans the two lookups: when the parts found are not of one write (the
+        value was replaced or deleted in between), the data file is read again."""
         large = self.large()
         for _ in range(1000):
-            value: bytes | None = large.get(key)
+            value = join_long(pointer, large.get(key))
             if value is not None:
-                return value
-            value = self._db.get(key)
-            if value != LARGE:
-                return value
+                if len(pointer) > 1:
+                    return value
+                # LARGE alone (written before the cut): the record read may be a later write's
+                # tagged head, which only a data-file record still LARGE alone rules out.
+                now: bytes | None = self._db.get(key)
+                if now == pointer:
+                    return value
+                pointer_now = now
+            else:
+                pointer_now = self._db.get(key)
+            if pointer_now is None or pointer_now[:1] != LARGE:
+                return pointer_now
+            pointer = pointer_now
         raise self._missing_large(key)
 
     def _missing_large(self, key: bytes) -> SafeCorruptError:
@@ -985,8 +1023,8 @@ class Environment:
     def get_rmw(self, txn: Any, key: bytes) -> bytes | None:
         """Read with a write lock, so that the write that follows cannot deadlock on an upgrade."""
         value: bytes | None = self._db.get(key, txn=txn, flags=db.DB_RMW)
-        if value == LARGE:
-            value = self.large().get(key, txn=txn, flags=db.DB_RMW)
+        if value is not None and value[:1] == LARGE:
+            value = join_long(value, self.large().get(key, txn=txn, flags=db.DB_RMW))
             if value is None:
                 raise self._missing_large(key)
         return value
@@ -1009,8 +1047,9 @@ class Environment:
 
     def put(self, txn: Any, key: bytes, value: bytes) -> None:
         if len(value) > self.large_min:
-            self.large().put(key, value, txn=txn)
-            self._db.put(key, LARGE, txn=txn)
+            pointer, record = split_long(value)
+            self.large().put(key, record, txn=txn)
+            self._db.put(key, pointer, txn=txn)
             return
         self._db.put(key, value, txn=txn)
         if self._large is not None:  # a long value it replaces goes now, not at the sweep
@@ -1033,8 +1072,8 @@ class Environment:
             record: tuple[bytes, bytes] | None = cursor.first(flags=db.DB_RMW)
         finally:
             cursor.close()
-        if record is not None and record[1] == LARGE:
-            value = self.large().get(record[0], txn=txn, flags=db.DB_RMW)
+        if record is not None and record[1][:1] == LARGE:
+            value = join_long(record[1], self.large().get(record[0], txn=txn, flags=db.DB_RMW))
             if value is None:
                 raise self._missing_large(record[0])
             record = record[0], value
@@ -1059,10 +1098,10 @@ class Environment:
                 record = cursor.next() if len(out) < limit else None
         finally:
             cursor.close()
-        if any(value == LARGE for _, value in out):
+        if any(value[:1] == LARGE for _, value in out):
             # A key deleted meanwhile reads as a record expired long ago (GONE): absent for
             # every caller, while the batch keeps its length and last key to resume from.
-            out = [(k, (self.get_large(k) or GONE) if v == LARGE else v) for k, v in out]
+            out = [(k, (self.get_large(k, v) or GONE) if v[:1] == LARGE else v) for k, v in out]
         return out
 
     def count(self) -> int:
@@ -1076,7 +1115,7 @@ class Environment:
             record = cursor.first(flags=db.DB_RMW)
             while record is not None and n < limit:
                 cursor.delete()
-                if record[1] == LARGE:
+                if record[1][:1] == LARGE:
                     with contextlib.suppress(db.DBNotFoundError):
                         self.large().delete(record[0], txn=txn)
                 n += 1
@@ -1137,7 +1176,8 @@ class Environment:
                 )
                 while record is not None and seen < SWEEP_BATCH:
                     last = record[0]
-                    if e._db.get(last, txn=txn, flags=db.DB_RMW) != LARGE:
+                    # Its first byte only: a data-file record of a long value begins with LARGE.
+                    if e._db.get(last, txn=txn, flags=db.DB_RMW, dlen=1, doff=0) != LARGE:
                         cursor.delete()
                         deleted += 1
                     seen += 1

@@ -288,10 +288,10 @@ class Safe(MutableMapping[str, object]):
         """What a hot read's record stands for, when it begins with 0xFE or 0xFF: a long value
         (LARGE, looked up in its file through the funnel, which counts it for close()), or an
         expiring one (None once its time has passed)."""
-        if raw == _LARGE:
+        if raw[0] == _LARGE[0]:
             environment = self._env
             k = _encode_key(key)
-            value = environment.call("get", self._options, environment.get_large, k)
+            value = environment.call("get", self._options, environment.get_large, k, raw)
             return None if value is None else _live(value)
         return _live(raw)
 

@@ -1,7 +1,8 @@
 """Long values live in the long values' file (safe/env.py, LARGE; docs/footprint.md, "Large
-values"): the data file keeps a one-byte record in their place. Whatever path writes, replaces
-or removes them, a reader sees the value, and the long values' file keeps nothing nobody points
-to (after the sweep, for the one-call put that does not look at what it replaces)."""
+values"): the data file keeps LARGE, a tag and the value's tail in their place. Whatever path
+writes, replaces or removes them, a reader sees the value, and the long values' file keeps
+nothing nobody points to (after the sweep, for the one-call put that does not look at what it
+replaces)."""
 
 from __future__ import annotations
 
@@ -70,15 +71,18 @@ def test_a_long_value_goes_to_the_long_values_file_and_reads_back_every_way(
         assert 0 < (safe.ttl("expiring") or 0) <= 60
         assert safe.get_raw("long") == pickle.dumps(LONG, 5)
         assert [k for k, _, _ in safe.raw_records()] == ["expiring", "long", "short"]
-        # Plain reads go through the sampled (funnel) path one time in 16: both see it.
-        assert all(safe["long"] == LONG for _ in range(40))
+        # Plain reads go through the sampled (funnel) path one time in 64: both see it.
+        assert all(safe["long"] == LONG for _ in range(140))
     data = _records(path, "safe.db")
-    assert data[b"long"] == safe_env.LARGE
-    assert data[b"expiring"] == safe_env.LARGE
-    assert data[b"short"] == pickle.dumps(SHORT, 5)
     large = _records(path, "large.db")
     assert set(large) == {b"long", b"expiring"}
-    assert large[b"long"] == pickle.dumps(LONG, 5)
+    tag = safe_env.LARGE_TAG
+    for key in (b"long", b"expiring"):
+        assert data[key][:1] == safe_env.LARGE
+        assert data[key][1 : 1 + tag] == large[key][:tag]  # the two parts of one write
+    assert data[b"expiring"][1:tag] != data[b"long"][1:tag]
+    assert large[b"long"][tag:] + data[b"long"][1 + tag :] == pickle.dumps(LONG, 5)
+    assert data[b"short"] == pickle.dumps(SHORT, 5)
     d = db.DB()
     d.open(str(path / "large.db"), None, db.DB_UNKNOWN, db.DB_RDONLY)
     assert d.get_pagesize() == safe_env.LARGE_PAGE_SIZE
@@ -282,3 +286,59 @@ def test_a_long_value_is_seen_by_another_process(tmp_path: Path) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     with Safe.open(path) as safe:
         assert safe["k2"] == LONG * 2
+
+
+@pytest.mark.parametrize("extra", [1, 40, 4063, 4064, 4065, 8128, 50000])
+def test_a_long_value_fills_whole_pages_of_the_long_values_file(tmp_path: Path, extra: int) -> None:
+    """LARGE_PAGE_PAYLOAD is what one checksummed 4 KiB overflow page holds: the head of a
+    value (and its tag) takes exactly the pages it fills, and the tail stays on the data file's
+    page. A wrong figure would show here as one page more (or fewer) than the head needs."""
+    value = os.urandom(LIMIT + extra)
+    with Safe.open(tmp_path / "s") as safe:
+        safe["k"] = value
+        e: Any = safe._env
+        stored = len(pickle.dumps(value, 5))
+        head = _records_open(e.large())[b"k"]
+        pages = len(head) // safe_env.LARGE_PAGE_PAYLOAD
+        assert len(head) == pages * safe_env.LARGE_PAGE_PAYLOAD
+        assert e.large().stat()["over_pg"] == pages
+        assert stored - len(head) + safe_env.LARGE_TAG < safe_env.LARGE_PAGE_PAYLOAD
+        assert safe["k"] == value
+
+
+def _records_open(handle: Any) -> dict[bytes, bytes]:
+    cursor = handle.cursor()
+    out: dict[bytes, bytes] = {}
+    record = cursor.first()
+    while record is not None:
+        out[record[0]] = record[1]
+        record = cursor.next()
+    cursor.close()
+    return out
+
+
+def test_a_long_value_written_whole_before_the_cut_still_reads_every_way(
+    tmp_path: Path,
+) -> None:
+    """A safe written before long values were cut at LARGE_FILE's page ends holds LARGE alone
+    in the data file and the whole value in LARGE_FILE: every read finds it, the sweep keeps
+    it, and a new write of the key replaces it with the cut form."""
+    path = tmp_path / "s"
+    whole = pickle.dumps(LONG, 5)
+    with Safe.open(path) as safe:
+        safe["other"] = LONG  # makes LARGE_FILE
+        e: Any = safe._env
+        txn = e._env.txn_begin()
+        e.large().put(b"old", whole, txn=txn)
+        e._db.put(b"old", safe_env.LARGE, txn=txn)
+        txn.commit()
+        assert safe["old"] == LONG
+        assert safe.get("old") == LONG
+        assert dict(safe.items())["old"] == LONG
+        e._sweep_rest = 0
+        e.sweep_large()
+        assert b"old" in _large_keys(safe)
+        assert safe.modify("old", lambda v: v + b"!") == LONG + b"!"
+        assert safe["old"] == LONG + b"!"
+        assert len(e._db.get(b"old")) > 1  # now LARGE, a tag and a tail
+    verify(path)
