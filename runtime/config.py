@@ -58,8 +58,8 @@ ACK_POLICIES = ("quorum", "all", "one", "none")
 # Each safe of a replicated node listens on its own port, `replication.address.port + i`: two
 # nodes on one machine whose addresses are 100 apart never collide, whatever their modules.
 MAX_REPLICATED_SAFES = 100
-# The node-level `cache_size` (bytes): each safe's cache maximum. 1 MiB holds only 32 of the
-# 32 KiB pages (docs/berkeleydb.md, "Page size and cache"); at 64 GiB the mutex region alone,
+# The node-level `cache_size` (bytes): each safe's cache maximum. 1 MiB holds only 64 of the
+# 16 KiB pages (docs/berkeleydb.md, "Page size and cache"); at 64 GiB the mutex region alone,
 # written whole when the regions are created (about 5 % of the maximum, docs/footprint.md), is
 # some 3 GiB per safe (extrapolated).
 MIN_CACHE_SIZE = 1 << 20

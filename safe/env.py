@@ -28,9 +28,9 @@ with the test that proves it, in docs/berkeleydb.md
   node's footprint follows its data, not its number of modules (docs/footprint.md,
   tests/integration/test_footprint.py).
   Writes are also refused with SafeNoSpaceError while free space is under a reserve.
-- New databases get 32 KiB pages: values up to 8 KiB stay on their B-tree page, and the ones
-  that go to overflow pages waste at most half of them past 43 KiB (docs/footprint.md has the
-  table); an existing file keeps the page size it was created with.
+- New databases get 16 KiB pages: values up to 4,079 bytes stay on their B-tree page, and
+  longer ones go to LARGE_FILE, cut where its 4 KiB pages end (docs/footprint.md has the
+  tables); an existing file keeps the page size it was created with.
 - Checkpoints with DB_LOG_AUTO_REMOVE keep the logs, and recovery time, bounded.
 """
 
@@ -139,13 +139,16 @@ WRITTEN_REFRESH = 256 << 10
 # One plain read in this many is timed (and counted by `call`); the others are only counted.
 READ_SAMPLE_EVERY = 64
 READ_SAMPLE_MASK = READ_SAMPLE_EVERY - 1  # a power of two: `n & mask` picks the sampled reads
-# Page size of a database file this code creates (an existing file keeps its own): measured,
-# 32 KiB keeps the data file within 1.5x the payload at 100 B (keys in order), 1 KB, 4 KB and
-# 64 KiB values, at the same concurrent write rate as 8 KiB pages (docs/footprint.md).
-PAGE_SIZE = 32 << 10
+# Page size of a database file this code creates (an existing file keeps its own). With long
+# values cut into LARGE_FILE's pages, 16 KiB keeps the data file within 1.5x the payload from
+# 100 B (keys in order) to 64 KiB. Smaller pages cannot: a value just over their on-page limit
+# would leave most of a LARGE_FILE page empty. Larger ones hold readers behind a durable
+# write's fsync on eight times the keys: the 90/10 mix at 4x8 was 0.69x raw with 32 KiB
+# pages, 0.85-0.98x with 16 KiB (docs/footprint.md, "Page size").
+PAGE_SIZE = 16 << 10
 DBError = db.DBError  # for pmnc.safe.store's hot read path, which does not import the binding
 # A value longer than a data-file page keeps on the page (`on_page_limit`) would take overflow
-# pages of the data file's size, the last one mostly empty: an 8.2 KB value a whole 32 KiB page.
+# pages of the data file's size, the last one mostly empty: a 4.1 KB value a whole 16 KiB page.
 # Such values go to LARGE_FILE, a B-tree of LARGE_PAGE_SIZE pages, under the same key, and the
 # data file's record begins with LARGE (docs/footprint.md, "Large values": about 1.04x the
 # payload above the limit, against up to 4x). No pickle (0x80) or expiring record (0xFF)
@@ -397,7 +400,7 @@ def _open_replicated_db(path: Path, env: Any, replicated: Replicated, *, create:
 
 def on_page_limit(page_size: int) -> int:
     """The longest value a B-tree page of `page_size` bytes (checksummed) keeps on the page:
-    (page size - 26) / 4 - 10, measured in docs/footprint.md (8,175 bytes at 32 KiB)."""
+    (page size - 26) / 4 - 10, measured in docs/footprint.md (4,079 bytes at 16 KiB)."""
     return (page_size - 26) // 4 - 10
 
 

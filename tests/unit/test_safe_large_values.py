@@ -18,7 +18,7 @@ from berkeleydb import db
 from pmnc.safe import Safe, backup, restore, verify
 from pmnc.safe import env as safe_env
 
-LIMIT = safe_env.on_page_limit(safe_env.PAGE_SIZE)  # 8,175 bytes at 32 KiB
+LIMIT = safe_env.on_page_limit(safe_env.PAGE_SIZE)  # 4,079 bytes at 16 KiB
 LONG = b"x" * (LIMIT + 100)  # pickles to more than the limit
 SHORT = b"y" * 100
 
@@ -222,7 +222,7 @@ def test_readers_never_miss_a_key_whose_value_changes_between_long_and_short(
 
 
 def test_a_safe_made_before_keeps_its_long_values_in_its_data_file(tmp_path: Path) -> None:
-    """A data file of 4 KiB pages (a safe created before 32 KiB pages) gains nothing from the
+    """A data file of 4 KiB pages (a safe created before 16 KiB pages) gains nothing from the
     long values' file, whose pages are as big: its values stay where they are, and so do new
     ones; no long values' file is made."""
     path = tmp_path / "s"

@@ -33,8 +33,8 @@ def test_disk_usage_counts_the_data_the_log_and_the_regions(tmp_path: Path) -> N
     before = disk_usage(path)
     assert before.data > 0 and before.log > 0 and before.regions > 0
     with Safe.open(path) as s:
-        for i in range(200):
-            s[f"key{i}"] = b"x" * 4096  # ~800 KiB: more pages in the data file
+        for i in range(280):
+            s[f"key{i}"] = b"x" * 3000  # ~820 KiB on the data file's pages (under its limit)
     after = disk_usage(path)
     assert after.data >= before.data + 800 * 1024
     assert after.log > 0  # a log file's size is set when libdb makes it, not as it fills

@@ -264,7 +264,8 @@ def test_log_files_are_removed_while_open_and_after_close(tmp_path: Path) -> Non
         removed_while_open = False
         for i in range(60_000):
             # A different value each time: an overwrite of an on-page item is logged as the
-            # bytes that changed (32 KiB pages keep 4 KiB values on-page: docs/footprint.md).
+            # bytes that changed. (A 4 KiB value is long at 16 KiB pages: its head fills one
+            # page of the long values' file, docs/footprint.md.)
             s[f"k{i % 1000}"] = bytes([i % 251]) * (4 << 10)
             if i % 1000 == 0 and not (path / "log.0000000001").exists():
                 removed_while_open = True
