@@ -617,10 +617,11 @@ class Environment:
         # Bound once: the durable put and the plain read are the hot paths.
         self.db_get = self._db.get
         self.db_put = self._db.put
-        # Longer values go to LARGE_FILE; not for a data file of small pages (a safe created
-        # before it existed), whose overflow pages are no bigger than LARGE_FILE's.
-        page_size = self._db.get_pagesize()
-        self.large_min = on_page_limit(page_size) if page_size > LARGE_PAGE_SIZE else sys.maxsize
+        # Longer values go to LARGE_FILE, their tails staying on the data file's page; not for
+        # a data file whose pages cannot hold a tail (4 KiB: a safe created before LARGE_FILE
+        # existed, whose overflow pages are no bigger than LARGE_FILE's).
+        limit = on_page_limit(self._db.get_pagesize())
+        self.large_min = limit if limit >= 1 + LARGE_TAG + LARGE_PAGE_PAYLOAD else sys.maxsize
         st = os.statvfs(path)
         self._free_bytes = st.f_bavail * st.f_frsize
         self._stop = threading.Event()
