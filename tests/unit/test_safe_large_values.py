@@ -342,3 +342,25 @@ def test_a_long_value_written_whole_before_the_cut_still_reads_every_way(
         assert safe["old"] == LONG + b"!"
         assert len(e._db.get(b"old")) > 1  # now LARGE, a tag and a tail
     verify(path)
+
+
+def test_a_safe_made_with_32_kib_pages_keeps_them_and_its_on_page_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Main made 32 KiB data pages for a while: such a safe keeps them, values up to 8,175
+    bytes stay on its pages, and longer ones are cut into the long values' file as on 16 KiB."""
+    path = tmp_path / "s"
+    mid, long = b"m" * 6000, b"l" * 20000
+    with monkeypatch.context() as m:
+        m.setattr(safe_env, "PAGE_SIZE", 32 << 10)
+        with Safe.open(path) as safe:
+            safe["mid"] = mid
+            safe["long"] = long
+    with Safe.open(path) as safe:  # today's code: 16 KiB for new files only
+        assert safe["mid"] == mid and safe["long"] == long
+        safe["mid2"] = mid
+        assert safe._env._db.get_pagesize() == 32 << 10  # type: ignore[attr-defined]
+        assert _large_keys(safe) == {b"long"}
+    data = _records(path, "safe.db")
+    assert data[b"mid2"] == pickle.dumps(mid, 5)  # on the page, not cut
+    assert data[b"long"][:1] == safe_env.LARGE
