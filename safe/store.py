@@ -89,6 +89,8 @@ class _ClosedEnvironment(_env.Environment):
         self.path = path
         self.usable = False
         self.read_count = itertools.count(1)
+        self._calls = itertools.count(1)  # Environment.read counts a read it refuses
+        self._calls_done = itertools.count(1)
 
     def raise_unusable(self, what: str) -> None:
         raise SafeClosedError(self.path, what, "the safe is closed", "open it again")
@@ -253,7 +255,7 @@ class Safe(MutableMapping[str, object]):
         if raw is None:
             raise KeyError(key)
         if raw[0] >= _SPECIAL:  # a long value or an expiring one: one comparison for both
-            raw = self._special(raw, key)
+            raw = self._special(environment, raw, key)
             if raw is None:
                 raise KeyError(key)
         return _loads(raw)
@@ -271,7 +273,7 @@ class Safe(MutableMapping[str, object]):
         if raw is None:
             return default
         if raw[0] >= _SPECIAL:  # a long value or an expiring one: one comparison for both
-            raw = self._special(raw, key)
+            raw = self._special(environment, raw, key)
             if raw is None:
                 return default
         return _loads(raw)
@@ -284,12 +286,12 @@ class Safe(MutableMapping[str, object]):
             environment.raise_unusable("get")
         return environment.read_counted("get", self._options, n, _encode_key(key))
 
-    def _special(self, raw: bytes, key: object) -> bytes | None:
+    def _special(self, environment: _env.Environment, raw: bytes, key: object) -> bytes | None:
         """What a hot read's record stands for, when it begins with 0xFE or 0xFF: a long value
         (LARGE, looked up in its file through the funnel, which counts it for close()), or an
-        expiring one (None once its time has passed)."""
+        expiring one (None once its time has passed). `environment` is the one the read used:
+        the Safe's may have been swapped for a closed one since."""
         if raw[0] == _LARGE[0]:
-            environment = self._env
             k = _encode_key(key)
             value = environment.call("get", self._options, environment.get_large, k, raw)
             return None if value is None else _live(value)

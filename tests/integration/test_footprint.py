@@ -244,7 +244,7 @@ def test_a_new_safe_has_16_kib_pages_and_its_data_file_follows_the_payload(
     """Keys written in key order; every database file counted (disk_usage: the data file and the
     long values' file). Sizes from the issue and the benchmark (KB as 1,000 bytes), and the
     long values around each overflow page's end: just over the data file's on-page limit
-    (4,079 bytes at 16 KiB) and over one, two and three LARGE_FILE pages, and 64 KiB exactly."""
+    (4,078 bytes at 16 KiB) and over one, two and three LARGE_FILE pages, and 64 KiB exactly."""
     ratios = {}
     sizes = (100, 1000, 4000, 4100, 6000, 8200, 12300, 16400, 30000, 43000, 64000, 65536)
     for size in sizes:

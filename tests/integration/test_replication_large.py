@@ -14,7 +14,7 @@ from tests.integration.test_replication_safe import (  # noqa: F401  (group is a
     wait_for,
 )
 
-LONG = "L" * 20_000  # over the data file's on-page limit (4,079 bytes at 16 KiB pages)
+LONG = "L" * 20_000  # over the data file's on-page limit (4,078 bytes at 16 KiB pages)
 
 
 def test_long_values_replicate_and_survive_a_failover(group: Group) -> None:  # noqa: F811

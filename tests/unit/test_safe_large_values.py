@@ -18,7 +18,7 @@ from berkeleydb import db
 from pmnc.safe import Safe, backup, restore, verify
 from pmnc.safe import env as safe_env
 
-LIMIT = safe_env.on_page_limit(safe_env.PAGE_SIZE)  # 4,079 bytes at 16 KiB
+LIMIT = safe_env.on_page_limit(safe_env.PAGE_SIZE)  # 4,078 bytes at 16 KiB
 LONG = b"x" * (LIMIT + 100)  # pickles to more than the limit
 SHORT = b"y" * 100
 
@@ -347,7 +347,7 @@ def test_a_long_value_written_whole_before_the_cut_still_reads_every_way(
 def test_a_safe_made_with_32_kib_pages_keeps_them_and_its_on_page_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Main made 32 KiB data pages for a while: such a safe keeps them, values up to 8,175
+    """Main made 32 KiB data pages for a while: such a safe keeps them, values up to 8,174
     bytes stay on its pages, and longer ones are cut into the long values' file as on 16 KiB."""
     path = tmp_path / "s"
     mid, long = b"m" * 6000, b"l" * 20000
@@ -364,3 +364,67 @@ def test_a_safe_made_with_32_kib_pages_keeps_them_and_its_on_page_limit(
     data = _records(path, "safe.db")
     assert data[b"mid2"] == pickle.dumps(mid, 5)  # on the page, not cut
     assert data[b"long"][:1] == safe_env.LARGE
+
+
+def test_a_long_value_read_while_writers_overwrite_it_back_to_back(tmp_path: Path) -> None:
+    """A plain read's two lookups have no transaction: while 6 processes overwrite one long
+    value back to back, a read that retried without locks kept finding the next write's head
+    (starved: 1,000 retries ran out, SafeCorruptError). Mismatched parts are now read again
+    under one transaction's read locks, so every read ends, with one whole write's value."""
+    path = tmp_path / "s"
+    sizes = [LIMIT + 2, 8120, 8121, 12000, 20000]
+    with Safe.open(path, durable=False) as safe:
+        safe["k"] = b"Z" * 20000
+    deadline = time.monotonic() + 3.0
+    pids = []
+    for i in range(6):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                with Safe.open(path, durable=False) as s:
+                    n = 0
+                    while time.monotonic() < deadline:
+                        s["k"] = bytes([65 + n % 26]) * sizes[(n + i) % len(sizes)]
+                        n += 1
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    reads = 0
+    try:
+        with Safe.open(path, durable=False) as safe:
+            while time.monotonic() < deadline:
+                for value in (safe["k"], next(v for k, v in safe.items() if k == "k")):
+                    assert isinstance(value, bytes)
+                    assert len(set(value)) == 1 and len(value) in [*sizes, 20000], value[:8]
+                    reads += 1
+    finally:
+        for pid in pids:
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+    assert reads > 100, reads  # starved reads managed a few per second
+
+
+@pytest.mark.parametrize("page_size", [4 << 10, 16 << 10, 32 << 10])
+def test_the_on_page_limit_is_the_longest_item_kept_on_the_page(
+    tmp_path: Path, page_size: int
+) -> None:
+    """`on_page_limit` decides which values go to the long values' file: an item of that many
+    bytes must stay on a checksummed B-tree page, and one byte more take an overflow page
+    (the formula was one byte too high: a value of exactly 4,079 bytes took a whole page)."""
+    env = db.DBEnv()
+    env.open(str(tmp_path), db.DB_CREATE | db.DB_INIT_MPOOL)
+    d = db.DB(env)
+    d.set_flags(db.DB_CHKSUM)
+    d.set_pagesize(page_size)
+    d.open("x.db", None, db.DB_BTREE, db.DB_CREATE)
+    limit = safe_env.on_page_limit(page_size)
+    try:
+        d.put(b"k", b"x" * limit)
+        assert d.stat()["over_pg"] == 0
+        d.put(b"k", b"x" * (limit + 1))
+        assert d.stat()["over_pg"] == 1
+    finally:
+        d.close()
+        env.close()
