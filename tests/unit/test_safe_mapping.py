@@ -479,6 +479,9 @@ def test_close_waits_for_a_read_blocked_on_another_process_lock(tmp_path: Path) 
 class _SlowToLoad:
     """A short value whose unpickling takes 5 ms: a read spends most of its time in `get`."""
 
+    def __init__(self) -> None:
+        self.state = 1  # pickle calls __setstate__ only for a non-empty state
+
     def __setstate__(self, state: dict[str, object]) -> None:
         time.sleep(0.005)
         self.__dict__.update(state)
