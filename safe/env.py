@@ -210,6 +210,8 @@ class Options:
 # instead (`_threads_reading`). Each of these functions binds its environment to a local named
 # `environment` before it checks `usable`, and touches the handles only in that frame.
 HOT_READS: set[types.CodeType] = set()
+# A transaction that only reads: its commit writes no log, so durability does not apply.
+_READ_ONLY = Options(durable=False, timeout=0.0, min_free_space=0)
 
 
 def _threads_reading(env: Environment) -> int:
@@ -1014,15 +1016,7 @@ class Environment:
             value = join_long(pointer, self.large().get(key))
             if value is not None:
                 return value
-        txn = self._env.txn_begin(None, 0)
-        try:
-            value = self._read_locked(txn, key, 0)
-        except BaseException:
-            with contextlib.suppress(db.DBError):
-                txn.abort()
-            raise
-        txn.commit()
-        return value
+        return self.transaction(_READ_ONLY, lambda e, txn: e._read_locked(txn, key, 0))
 
     def _missing_large(self, key: bytes) -> SafeCorruptError:
         return SafeCorruptError(

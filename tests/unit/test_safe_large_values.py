@@ -28,16 +28,21 @@ def _records(path: Path, name: str) -> dict[bytes, bytes]:
     d = db.DB()
     d.open(str(path / name), None, db.DB_UNKNOWN, db.DB_RDONLY)
     try:
-        cursor = d.cursor()
-        out: dict[bytes, bytes] = {}
-        record = cursor.first()
-        while record is not None:
-            out[record[0]] = record[1]
-            record = cursor.next()
-        cursor.close()
-        return out
+        return _records_open(d)
     finally:
         d.close()
+
+
+def _records_open(handle: Any) -> dict[bytes, bytes]:
+    """Every record of an open database handle."""
+    cursor = handle.cursor()
+    out: dict[bytes, bytes] = {}
+    record = cursor.first()
+    while record is not None:
+        out[record[0]] = record[1]
+        record = cursor.next()
+    cursor.close()
+    return out
 
 
 def _large_keys(safe: Safe) -> set[bytes]:
@@ -304,17 +309,6 @@ def test_a_long_value_fills_whole_pages_of_the_long_values_file(tmp_path: Path, 
         assert e.large().stat()["over_pg"] == pages
         assert stored - len(head) + safe_env.LARGE_TAG < safe_env.LARGE_PAGE_PAYLOAD
         assert safe["k"] == value
-
-
-def _records_open(handle: Any) -> dict[bytes, bytes]:
-    cursor = handle.cursor()
-    out: dict[bytes, bytes] = {}
-    record = cursor.first()
-    while record is not None:
-        out[record[0]] = record[1]
-        record = cursor.next()
-    cursor.close()
-    return out
 
 
 def test_a_long_value_written_whole_before_the_cut_still_reads_every_way(
