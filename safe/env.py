@@ -204,22 +204,24 @@ class Options:
     min_free_space: int
 
 
-# The code of the plain reads that take no call count: Safe's hot paths (`[]`, `get`) register
-# theirs. Counting a read's end cost each of them a tenth of its time (docs/footprint.md,
-# "Per-call overhead"), so close() finds the reads in flight by looking at the threads' frames
-# instead (`_threads_reading`). Each of these functions binds its environment to a local named
-# `environment` before it checks `usable`, and touches the handles only in that frame.
-HOT_READS: set[types.CodeType] = set()
+# The code of the Safe methods that use an environment outside its funnel's count (`call`):
+# the hot reads (`[]`, `get`), and the writes' free-space check and group checks before their
+# call. Counting a read's end cost it a tenth of its time (docs/footprint.md, "Per-call
+# overhead"), so close() finds these in flight by looking at the threads' frames instead
+# (`_threads_inside`). Each of them binds its environment to a local named `environment`
+# before it checks `usable`, and touches the handles only in that frame (or in calls from it).
+IN_FLIGHT: set[types.CodeType] = set()
 # A transaction that only reads: its commit writes no log, so durability does not apply.
 _READ_ONLY = Options(durable=False, timeout=0.0, min_free_space=0)
 
 
-def _threads_reading(env: Environment) -> int:
-    """Threads inside a hot read of `env` now: a frame of HOT_READS whose `environment` is it.
+def _threads_inside(env: Environment) -> int:
+    """Threads inside a Safe method that uses `env` uncounted: a frame of IN_FLIGHT whose
+    `environment` is it.
 
-    Sound for close(): a read touches the handles only after it saw `usable` True, inside that
-    frame; close() clears `usable` before it looks, so a read that has not looked yet never
-    will touch them, and one that has is found here until it returns."""
+    Sound for close(): such a method touches the handles only after it saw `usable` True,
+    inside that frame; close() clears `usable` before it looks, so one that has not looked yet
+    never will touch them, and one that has is found here until it returns."""
     n = 0
     me = threading.get_ident()
     for ident, frame in sys._current_frames().items():
@@ -229,7 +231,7 @@ def _threads_reading(env: Environment) -> int:
             continue
         f: types.FrameType | None = frame
         while f is not None:
-            if f.f_code in HOT_READS and f.f_locals.get("environment") is env:
+            if f.f_code in IN_FLIGHT and f.f_locals.get("environment") is env:
                 n += 1
                 break
             f = f.f_back
@@ -553,7 +555,7 @@ class Environment:
         self.stats = _Stats()
         # Atomic under the GIL: calls started and finished, so that close() can wait for those
         # in flight before it closes the handles under them; plain reads started (the hot
-        # ones in flight are found by _threads_reading).
+        # ones in flight are found by _threads_inside).
         self.read_count = itertools.count(1)
         self._calls = itertools.count(1)
         self._calls_done = itertools.count(1)
@@ -1320,7 +1322,7 @@ class Environment:
 
     def in_flight(self) -> int:
         """Calls and hot reads started and not finished yet."""
-        return _peek(self._calls) - _peek(self._calls_done) + _threads_reading(self)
+        return _peek(self._calls) - _peek(self._calls_done) + _threads_inside(self)
 
     def info(self) -> dict[str, Any]:
         """Environment-wide figures: log, checkpoint, cache."""

@@ -280,7 +280,9 @@ class Queue:
         ns, n = _next_order()
         key = item_key(self._prefix, _thread_shard(), ns, os.getpid(), n)
         value = _LEASE.pack(0.0, 0) + data
-        environment = safe._environment_for("queue put")
+        environment = safe._env  # bound before the check, for close() (env.IN_FLIGHT)
+        if not environment.usable:
+            environment.raise_unusable("queue put")
         options = safe._options
         if safe._reserve:
             environment.check_space("queue put", options, len(key) + len(value))
@@ -409,6 +411,10 @@ class Queue:
         if not done:
             environment.wake().notify()
         return bool(kept)
+
+
+# Uses the environment before its call (free space, group checks): close() finds it in flight.
+_env.IN_FLIGHT.add(Queue._append.__code__)
 
 
 class Delivery:

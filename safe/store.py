@@ -226,9 +226,13 @@ class Safe(MutableMapping[str, object]):
     def _write(self, what: str, body: Callable[[_env.Environment, Any], Any], size: int = 0) -> Any:
         """Run `body(environment, txn)` as one transaction, retried as a whole on conflict.
 
-        `size` (bytes about to be written, when known) lets the free-space guard keep up.
+        `size` (bytes about to be written, when known) lets the free-space guard keep up. The
+        checks before the call use the environment uncounted: `environment` is bound before
+        `usable` is checked, in this frame, for close() to find (env.IN_FLIGHT).
         """
-        environment = self._environment_for(what)
+        environment = self._env
+        if not environment.usable:
+            environment.raise_unusable(what)
         if self._reserve:
             environment.check_space(what, self._options, size)
         environment.before_write(self._options)
@@ -238,7 +242,7 @@ class Safe(MutableMapping[str, object]):
 
     # The three methods below are the hot paths, written out in full (see the module docstring).
     # A read is counted once, for the stats; close() finds the reads in flight by their frames
-    # (the two read paths are in env.HOT_READS, and bind `environment` before the usable check).
+    # (the two read paths are in env.IN_FLIGHT, and bind `environment` before the usable check).
     # One in READ_SAMPLE_EVERY goes through the funnel to be timed, and so does a read that
     # failed (retried, bounded, translated there).
 
@@ -633,11 +637,7 @@ class Safe(MutableMapping[str, object]):
         if len(data) > self._max_value_size:
             self._too_big(len(data))
         k = _encode_key(key)
-        environment = self._environment_for("set")
-        if self._reserve:
-            environment.check_space("set", self._options, len(k) + len(data))
-        environment.before_write(self._options)
-        environment.call("set", self._options, environment.put_one, self._options, k, data)
+        self._write("set", lambda e, txn: e.put(txn, k, data), len(k) + len(data))
 
     # -- maintenance -------------------------------------------------------------------------------
 
@@ -740,8 +740,10 @@ class Safe(MutableMapping[str, object]):
         )
 
 
-# The hot reads take no count of their ends: close() finds them in flight by their frames.
-_env.HOT_READS.update({Safe.__getitem__.__code__, Safe.get.__code__})
+# What uses the environment outside a counted call: close() finds it in flight by its frames.
+_env.IN_FLIGHT.update(
+    {Safe.__getitem__.__code__, Safe.get.__code__, Safe.__setitem__.__code__, Safe._write.__code__}
+)
 
 
 class _ItemsView(ItemsView[str, object]):

@@ -553,3 +553,38 @@ def test_a_long_read_whose_safe_is_closed_meanwhile(tmp_path: Path, shared: bool
     if s2 is not None:
         assert s2["k"] == b"x" * 20000
         s2.close()
+
+
+def test_close_waits_for_a_write_still_checking_free_space(tmp_path: Path) -> None:
+    """A write checks free space (and may extend the regions' reservation through the
+    environment) before its funnel counts it: close() must find it there too, and wait for
+    it, rather than close the handles under it. The write then refuses cleanly."""
+    s = Safe.open(tmp_path / "s")
+    env = s._env  # type: ignore[attr-defined]
+    real = env.check_space
+    checking = threading.Event()
+
+    def check_space(what: str, options: object, size: int) -> None:
+        checking.set()
+        time.sleep(0.4)  # close() runs meanwhile, in the main thread
+        real(what, options, size)
+
+    env.check_space = check_space
+    outcome: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            s["k"] = 1
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    assert checking.wait(10)
+    started = time.monotonic()
+    s.close()
+    took = time.monotonic() - started
+    writer.join(10)
+    assert took >= 0.25, f"close() did not wait for the write ({took:.3f} s)"
+    assert len(outcome) == 1 and isinstance(outcome[0], SafeClosedError), outcome
