@@ -292,12 +292,19 @@ class Safe(MutableMapping[str, object]):
 
     def _special(self, environment: _env.Environment, raw: bytes, key: object) -> bytes | None:
         """What a hot read's record stands for, when it begins with 0xFE or 0xFF: a long value
-        (LARGE, looked up in its file through the funnel, which counts it for close()), or an
-        expiring one (None once its time has passed). `environment` is the one the read used:
-        the Safe's may have been swapped for a closed one since."""
+        (LARGE, looked up in its file), or an expiring one (None once its time has passed).
+
+        `environment` is the one the read used: the Safe's may have been swapped for a closed
+        one since. The second lookup is made straight, like the first, inside the hot read's
+        frame (which close() waits for), and through the funnel only when it fails: the
+        funnel's timing and frames were an eighth of a 6 KB long read (docs/footprint.md,
+        "Large values")."""
         if raw[0] == _LARGE[0]:
             k = _encode_key(key)
-            value = environment.call("get", self._options, environment.get_large, k, raw)
+            try:  # straight, inside the hot read's frame (which close() waits for)
+                value = environment.get_large(k, raw)
+            except _DBError:  # again through the funnel: retried, bounded, translated
+                value = environment.call("get", self._options, environment.get_large, k, raw)
             return None if value is None else _live(value)
         return _live(raw)
 
