@@ -262,6 +262,7 @@ class Safe(MutableMapping[str, object]):
             raw = self._special(environment, raw, key)
             if raw is None:
                 raise KeyError(key)
+        del environment  # done with the handles: close() need not wait for the unpickling
         return _loads(raw)
 
     def get(self, key: str, default: object = None) -> object:
@@ -280,6 +281,7 @@ class Safe(MutableMapping[str, object]):
             raw = self._special(environment, raw, key)
             if raw is None:
                 return default
+        del environment  # done with the handles: close() need not wait for the unpickling
         return _loads(raw)
 
     def _hot_read(self, environment: _env.Environment, n: int, key: object) -> bytes | None:
@@ -652,11 +654,17 @@ class Safe(MutableMapping[str, object]):
         """A replicated safe's state here: `role` ("master", "client" or "none" during an
         election), `master` ("host:port" or None), `lsn` (log position reached), `synced`,
         `peers_connected`; None for a safe that is not replicated."""
-        return self._environment_for("replication").replication_info()
+        environment = self._env  # bound before the check, for close() (env.IN_FLIGHT)
+        if not environment.usable:
+            environment.raise_unusable("replication")
+        return environment.replication_info()
 
     def is_master(self) -> bool:
         """Whether a write here can succeed now: always, unless replicated and not master."""
-        return self._environment_for("is_master").is_master()
+        environment = self._env  # bound before the check, for close() (env.IN_FLIGHT)
+        if not environment.usable:
+            environment.raise_unusable("is_master")
+        return environment.is_master()
 
     def checkpoint(self) -> None:
         """Checkpoint now: flush the cache, and let log files no longer needed be removed."""
@@ -749,7 +757,15 @@ class Safe(MutableMapping[str, object]):
 
 # What uses the environment outside a counted call: close() finds it in flight by its frames.
 _env.IN_FLIGHT.update(
-    {Safe.__getitem__.__code__, Safe.get.__code__, Safe.__setitem__.__code__, Safe._write.__code__}
+    method.__code__
+    for method in (
+        Safe.__getitem__,
+        Safe.get,
+        Safe.__setitem__,
+        Safe._write,
+        Safe.replication,
+        Safe.is_master,
+    )
 )
 
 

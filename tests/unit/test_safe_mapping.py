@@ -588,3 +588,63 @@ def test_close_waits_for_a_write_still_checking_free_space(tmp_path: Path) -> No
     writer.join(10)
     assert took >= 0.25, f"close() did not wait for the write ({took:.3f} s)"
     assert len(outcome) == 1 and isinstance(outcome[0], SafeClosedError), outcome
+
+
+def test_close_waits_for_a_replication_status_read_in_another_thread(tmp_path: Path) -> None:
+    """`Safe.replication()` and `is_master()` read the environment's state (rep_stat) without
+    a funnel call; the runtime polls them. close() must wait for one in flight, not close the
+    handle under it (it returned in 1 ms, and the poll got a raw DBError)."""
+    s = Safe.open(tmp_path / "s")
+    env = s._env  # type: ignore[attr-defined]
+    inside = threading.Event()
+
+    def replication_info() -> dict[str, object]:
+        inside.set()
+        time.sleep(0.3)  # close() runs meanwhile, in the main thread
+        return {"regsize": env._env.memp_stat()[0]["regsize"]}  # a real handle call
+
+    env.replication_info = replication_info
+    out: list[object] = []
+    poller = threading.Thread(target=lambda: out.append(s.replication()))
+    poller.start()
+    assert inside.wait(10)
+    started = time.monotonic()
+    s.close()
+    took = time.monotonic() - started
+    poller.join(10)
+    assert took >= 0.2, f"close() did not wait for the status read ({took:.3f} s)"
+    assert out and isinstance(out[0], dict), out
+
+
+class _OpensASafeWhenLoaded:
+    """A value whose unpickling opens another safe, as a careless __setstate__ may."""
+
+    where = ""
+
+    def __init__(self) -> None:
+        self.state = 1
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        if threading.current_thread().name == "reader":
+            time.sleep(0.2)  # close() begins meanwhile, holding the registry of environments
+            Safe.open(self.where).close()
+
+
+def test_close_does_not_wait_for_a_read_that_is_only_unpickling(tmp_path: Path) -> None:
+    """A hot read is done with the handles once it has its bytes: close() must not wait for
+    its unpickling, which runs user code. Here that code opens another safe, which waits for
+    the registry lock close() holds: close() waited CLOSE_WAIT_S, then left the environment
+    needing recovery, and the path could not be opened again in this process."""
+    _OpensASafeWhenLoaded.where = str(tmp_path / "other")
+    s = Safe.open(tmp_path / "s")
+    s["k"] = _OpensASafeWhenLoaded()
+    reader = threading.Thread(target=lambda: s.get("k"), name="reader")
+    reader.start()
+    time.sleep(0.1)  # the reader is in __setstate__'s sleep
+    started = time.monotonic()
+    s.close()
+    assert time.monotonic() - started < 1.0
+    reader.join(10)
+    with Safe.open(tmp_path / "s") as again:
+        assert isinstance(again["k"], _OpensASafeWhenLoaded)
