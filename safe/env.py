@@ -973,6 +973,10 @@ class Environment:
             if e.errno != errno.ENOSPC:
                 raise translate(self.path, what, e) from e
             self._free_bytes = 0  # the regions could not be given room: refuse writes
+        except db.DBError as e:  # the reservation reads the regions' sizes from the handle
+            if not self.usable:  # closed meanwhile (a signal handler of this very thread)
+                self.raise_unusable(what)
+            raise translate(self.path, what, e) from e
         if self._free_bytes - 2 * size < options.min_free_space:
             self.stats.error(what)
             raise SafeNoSpaceError(
