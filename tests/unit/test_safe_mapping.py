@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -570,24 +571,38 @@ def test_close_waits_for_a_write_still_checking_free_space(tmp_path: Path) -> No
         real(what, options, size)
 
     env.check_space = check_space
-    outcome: list[BaseException | None] = []
 
-    def write() -> None:
+    def write() -> object:
+        s["k"] = 1
+        return None
+
+    took, outcome = _close_while(s, write, checking)
+    assert took >= 0.25, f"close() did not wait for the write ({took:.3f} s)"
+    assert isinstance(outcome, SafeClosedError), outcome
+
+
+def _close_while(
+    s: Safe, work: Callable[[], object], inside: threading.Event
+) -> tuple[float, object]:
+    """Run `work()` in a thread, close `s` once `inside` is set: how long close() took, and
+    what `work` returned or raised."""
+    outcome: list[object] = []
+
+    def run() -> None:
         try:
-            s["k"] = 1
-            outcome.append(None)
+            outcome.append(work())
         except BaseException as e:
             outcome.append(e)
 
-    writer = threading.Thread(target=write)
-    writer.start()
-    assert checking.wait(10)
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert inside.wait(10)
     started = time.monotonic()
     s.close()
     took = time.monotonic() - started
-    writer.join(10)
-    assert took >= 0.25, f"close() did not wait for the write ({took:.3f} s)"
-    assert len(outcome) == 1 and isinstance(outcome[0], SafeClosedError), outcome
+    thread.join(10)
+    assert len(outcome) == 1, outcome
+    return took, outcome[0]
 
 
 def test_close_waits_for_a_replication_status_read_in_another_thread(tmp_path: Path) -> None:
@@ -604,16 +619,9 @@ def test_close_waits_for_a_replication_status_read_in_another_thread(tmp_path: P
         return {"regsize": env._env.memp_stat()[0]["regsize"]}  # a real handle call
 
     env.replication_info = replication_info
-    out: list[object] = []
-    poller = threading.Thread(target=lambda: out.append(s.replication()))
-    poller.start()
-    assert inside.wait(10)
-    started = time.monotonic()
-    s.close()
-    took = time.monotonic() - started
-    poller.join(10)
+    took, outcome = _close_while(s, s.replication, inside)
     assert took >= 0.2, f"close() did not wait for the status read ({took:.3f} s)"
-    assert out and isinstance(out[0], dict), out
+    assert isinstance(outcome, dict), outcome
 
 
 class _OpensASafeWhenLoaded:
