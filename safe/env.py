@@ -895,12 +895,9 @@ class Environment:
         when they fail. Also Safe's hot reads' slow path."""
         if n & READ_SAMPLE_MASK:
             try:
-                value: bytes | None = self.db_get(key)
-                if value is not None and value[:1] == LARGE:
-                    value = self.get_large(key, value)
+                return self.get(key)
             except db.DBError:
                 return self.call(what, options, self.get, key)
-            return value
         return self.call(what, options, self.get, key)
 
     def raise_unusable(self, what: str) -> None:
@@ -1041,9 +1038,16 @@ class Environment:
         file first, then LARGE_FILE for a long value, the order every writer takes them in."""
         value: bytes | None = self._db.get(key, txn=txn, flags=flags)
         if value is not None and value[:1] == LARGE:
-            value = join_long(value, self.large().get(key, txn=txn, flags=flags))
-            if value is None:
-                raise self._missing_large(key)
+            return self._join_locked(txn, key, value, flags)
+        return value
+
+    def _join_locked(self, txn: Any, key: bytes, pointer: bytes, flags: int) -> bytes:
+        """The long value whose data-file record `pointer` was read under `txn`'s locks: its
+        LARGE_FILE part read under them too. Under locks the parts always match; when they do
+        not, the file is damaged."""
+        value = join_long(pointer, self.large().get(key, txn=txn, flags=flags))
+        if value is None:
+            raise self._missing_large(key)
         return value
 
     def put_one(self, options: Options, key: bytes, value: bytes) -> None:
@@ -1093,10 +1097,7 @@ class Environment:
         finally:
             cursor.close()
         if record is not None and record[1][:1] == LARGE:
-            value = join_long(record[1], self.large().get(record[0], txn=txn, flags=db.DB_RMW))
-            if value is None:
-                raise self._missing_large(record[0])
-            record = record[0], value
+            record = record[0], self._join_locked(txn, record[0], record[1], db.DB_RMW)
         return record
 
     def scan(
